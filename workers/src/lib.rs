@@ -1,1 +1,9 @@
-pub fn x(){}
+//! Trusted Contact: the workers that let an account owner's trusted contact
+//! approve every password recovery, the message runtime they share, and the
+//! operators' tools.
+
+pub mod app;
+pub mod ledger;
+pub mod runtime;
+pub mod settings;
+pub mod telemetry;
