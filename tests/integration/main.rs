@@ -1,1 +1,7 @@
+//! Integration tests against the real RabbitMQ and PostgreSQL of this machine.
+//! Every test gets a fresh database and a fresh topology prefix, so tests run
+//! in parallel and leave nothing behind.
 
+mod support;
+
+mod message_runtime;

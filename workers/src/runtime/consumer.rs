@@ -102,9 +102,13 @@ impl<W: Worker> Consumer<W> {
                 }
                 next = deliveries.next() => match next {
                     Some(Ok(delivery)) => {
+                        let mut context = self.context.clone();
+                        context.attempt = delivery.properties.headers().as_ref()
+                            .and_then(|table| headers::get_u32(table, headers::ATTEMPTS))
+                            .unwrap_or(0);
                         let step = Step {
                             worker: self.worker.clone(),
-                            context: self.context.clone(),
+                            context,
                             settings: self.settings.clone(),
                             publisher: self.publisher.clone(),
                         };

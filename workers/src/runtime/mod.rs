@@ -45,6 +45,9 @@ pub struct Context {
     pub pool: PgPool,
     pub topology: Topology,
     pub consumer: &'static str,
+    /// Failed attempts before this delivery (0 on the first), from the
+    /// runtime's own header.
+    pub attempt: u32,
     outbox: OutboxSignal,
 }
 
@@ -117,6 +120,7 @@ impl Runtime {
             pool: self.pool.clone(),
             topology: self.settings.topology.clone(),
             consumer: worker.spec().name,
+            attempt: 0,
             outbox: self.outbox.clone(),
         };
         let consumer = consumer::Consumer {
