@@ -4,6 +4,9 @@
 
 pub mod envelope;
 pub mod names;
+pub mod phone;
+pub mod reasons;
 
 pub use envelope::{Envelope, EnvelopeError, SUPPORTED_VERSION};
 pub use names::Topology;
+pub use phone::{PhoneError, mask_phone, normalize_phone};
