@@ -9,6 +9,7 @@ pub mod names;
 pub mod person;
 pub mod phone;
 pub mod reasons;
+pub mod schema;
 
 pub use commands::command_type;
 pub use envelope::{Envelope, EnvelopeError, SUPPORTED_VERSION};
@@ -16,6 +17,7 @@ pub use events::event_type;
 pub use names::Topology;
 pub use person::{Profile, Role, age_on, eligibility_problems, moscow_today, names_match};
 pub use phone::{PhoneError, mask_phone, normalize_phone};
+pub use schema::json_schemas;
 
 use schemars::JsonSchema;
 use serde::{Serialize, de::DeserializeOwned};
