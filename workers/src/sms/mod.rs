@@ -2,10 +2,14 @@
 //! of the provider's HTTP API with its shared rate limit, and a stand-in
 //! gateway that plays the provider in tests and in the Compose stack.
 
+pub mod provider;
+pub mod rate;
 pub mod templates;
 
 use std::fmt;
 
+pub use provider::{HttpSmsProvider, OutgoingSms, ProviderAccepted, ProviderError, SmsProvider};
+pub use rate::{RateLimitedProvider, SendRateLimiter};
 pub use templates::{SmsTemplate, short_name};
 
 /// Masks a phone for logs: `+79001234567` becomes `+7900***4567`.
