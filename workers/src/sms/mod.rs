@@ -2,6 +2,7 @@
 //! of the provider's HTTP API with its shared rate limit, and a stand-in
 //! gateway that plays the provider in tests and in the Compose stack.
 
+pub mod gateway;
 pub mod provider;
 pub mod rate;
 pub mod templates;
