@@ -124,8 +124,8 @@ pub struct Behaviour {
     #[arg(long, env = "SMS_GATEWAY_STALL_MS", default_value_t = DEFAULT_STALL_MS)]
     pub stall_ms: u64,
 
-    /// Accepted sends allowed in any rolling second before answering 429; 0 for
-    /// no limit.
+    /// Sends answered 2xx (new or repeated) in any rolling second before the
+    /// next is answered 429; 0 for no limit.
     #[arg(long, env = "SMS_GATEWAY_RATE_LIMIT_PER_SEC", default_value_t = 0)]
     pub rate_limit_per_sec: u32,
 }
@@ -223,6 +223,10 @@ struct Gateway {
     ledger: Mutex<Ledger>,
 }
 
+/// Everything the gateway remembers. Deliveries and the dedupe map are kept
+/// for the life of the process, since forgetting an id would let a late retry
+/// deliver twice; a long load test therefore grows memory until `DELETE
+/// /messages`. Only the attempt log is capped.
 #[derive(Default)]
 struct Ledger {
     behaviour: Behaviour,
