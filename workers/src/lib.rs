@@ -6,4 +6,5 @@ pub mod app;
 pub mod ledger;
 pub mod runtime;
 pub mod settings;
+pub mod sms;
 pub mod telemetry;
