@@ -72,6 +72,7 @@ fn envelope_schema<P: Message>() -> (String, Value) {
 mod tests {
     use super::*;
     use crate::{command_type, event_type};
+    use uuid::Uuid;
 
     fn assert_exactly(schemas: &Value, kinds: &[&str]) {
         let schemas = schemas.as_object().unwrap();
@@ -114,5 +115,233 @@ mod tests {
             payload.contains("recovery_id"),
             "payload not described: {payload}"
         );
+    }
+
+    /// Serialises `payload` the way a worker publishes it and checks it
+    /// against the exported schema, so the schema cannot drift from the types.
+    fn assert_published_form_validates<P: Message>(group: &str, payload: P) {
+        let schemas = json_schemas();
+        let validator = jsonschema::validator_for(&schemas[group][P::TYPE]).unwrap();
+        let cause = Envelope::new_command("recovery.requested", &json!({})).unwrap();
+        let envelope = cause.caused(P::TYPE, &payload).unwrap();
+        let instance = serde_json::to_value(&envelope).unwrap();
+        let errors: Vec<String> = validator
+            .iter_errors(&instance)
+            .map(|e| e.to_string())
+            .collect();
+        assert!(
+            errors.is_empty(),
+            "{} does not match its schema: {errors:?}",
+            P::TYPE
+        );
+    }
+
+    #[test]
+    fn published_commands_match_their_schemas() {
+        use crate::commands::*;
+        let id = Uuid::now_v7();
+        assert_published_form_validates(
+            "commands",
+            AccountUpdated {
+                account_id: id,
+                first_name: "Ксения".to_owned(),
+                last_name: "Дорофеева".to_owned(),
+                birth_date: chrono::NaiveDate::from_ymd_opt(1962, 5, 16).unwrap(),
+                citizenship: "RU".to_owned(),
+                verified: true,
+                has_passport: true,
+                phone: None,
+            },
+        );
+        assert_published_form_validates(
+            "commands",
+            InvitationRequested {
+                truster_id: id,
+                contact_first_name: "Анна".to_owned(),
+                contact_phone: "8 (900) 123-45-67".to_owned(),
+            },
+        );
+        let invitation = InvitationAccepted {
+            invitation_id: id,
+            actor_id: id,
+        };
+        assert_published_form_validates("commands", invitation);
+        let invitation = InvitationDeclined {
+            invitation_id: id,
+            actor_id: id,
+        };
+        assert_published_form_validates("commands", invitation);
+        let disconnect = ContactDisconnectRequested {
+            actor_id: id,
+            truster_id: id,
+        };
+        assert_published_form_validates("commands", disconnect);
+        assert_published_form_validates("commands", RecoveryRequested { truster_id: id });
+        let confirmed = RecoveryConfirmed {
+            recovery_id: id,
+            actor_id: id,
+        };
+        assert_published_form_validates("commands", confirmed);
+        let code = "123456".to_owned();
+        let submitted = RecoveryCodeSubmitted {
+            recovery_id: id,
+            actor_id: id,
+            code,
+        };
+        assert_published_form_validates("commands", submitted);
+        let reason = "suspected_fraud".to_owned();
+        let declined = RecoveryDeclined {
+            recovery_id: id,
+            actor_id: id,
+            reason,
+        };
+        assert_published_form_validates("commands", declined);
+        let cancelled = RecoveryCancelled {
+            recovery_id: id,
+            actor_id: id,
+        };
+        assert_published_form_validates("commands", cancelled);
+    }
+
+    #[test]
+    fn published_events_match_their_schemas() {
+        use crate::events::*;
+        let (id, at) = (Uuid::now_v7(), chrono::Utc::now());
+        let reason = || "contact_not_found".to_owned();
+        let parties = (id, id, id);
+        assert_published_form_validates(
+            "events",
+            InvitationSent {
+                invitation_id: id,
+                truster_id: id,
+                contact_id: id,
+                expires_at: at,
+                replaced_invitation_id: None,
+            },
+        );
+        for invitation_id in [None, Some(id)] {
+            let rejected = InvitationRejected {
+                invitation_id,
+                truster_id: Some(id),
+                actor_id: id,
+                reason: reason(),
+            };
+            assert_published_form_validates("events", rejected);
+        }
+        let (invitation_id, truster_id, contact_id) = parties;
+        let accepted = InvitationAccepted {
+            invitation_id,
+            truster_id,
+            contact_id,
+        };
+        assert_published_form_validates("events", accepted);
+        let declined = InvitationDeclined {
+            invitation_id,
+            truster_id,
+            contact_id,
+        };
+        assert_published_form_validates("events", declined);
+        let expired = InvitationExpired {
+            invitation_id,
+            truster_id,
+            contact_id,
+        };
+        assert_published_form_validates("events", expired);
+        let disconnected = ContactDisconnected {
+            truster_id,
+            contact_id,
+            actor_id: id,
+        };
+        assert_published_form_validates("events", disconnected);
+        let refused = ContactDisconnectRejected {
+            truster_id,
+            contact_id: None,
+            actor_id: id,
+            reason: reason(),
+        };
+        assert_published_form_validates("events", refused);
+        let awaiting = RecoveryAwaitingContact {
+            recovery_id: id,
+            truster_id,
+            contact_id,
+            expires_at: at,
+            existing: true,
+        };
+        assert_published_form_validates("events", awaiting);
+        let rejected = RecoveryRejected {
+            recovery_id: None,
+            truster_id: None,
+            actor_id: None,
+            reason: reason(),
+        };
+        assert_published_form_validates("events", rejected);
+        let recovery_id = id;
+        let sent = RecoveryCodeSent {
+            recovery_id,
+            truster_id,
+            contact_id,
+            code_expires_at: at,
+            codes_left: 2,
+        };
+        assert_published_form_validates("events", sent);
+        let wrong = RecoveryCodeRejected {
+            recovery_id,
+            truster_id,
+            contact_id,
+            attempts_left: 0,
+            reason: reason(),
+        };
+        assert_published_form_validates("events", wrong);
+        let approved = RecoveryApproved {
+            recovery_id,
+            truster_id,
+            contact_id,
+        };
+        assert_published_form_validates("events", approved);
+        let declined = RecoveryDeclined {
+            recovery_id,
+            truster_id,
+            contact_id,
+            reason: reason(),
+        };
+        assert_published_form_validates("events", declined);
+        let expired = RecoveryExpired {
+            recovery_id,
+            truster_id,
+            contact_id,
+        };
+        assert_published_form_validates("events", expired);
+        let cancelled = RecoveryCancelled {
+            recovery_id,
+            truster_id,
+            contact_id,
+        };
+        assert_published_form_validates("events", cancelled);
+        let text = "Анна П. просит вас стать доверенным лицом".to_owned();
+        let notification = CabinetNotification {
+            account_id: id,
+            kind: "invitation".to_owned(),
+            text,
+        };
+        assert_published_form_validates("events", notification);
+    }
+
+    #[test]
+    fn a_payload_missing_a_field_or_under_another_type_is_invalid() {
+        let schemas = json_schemas();
+        let schema = &schemas["commands"]["recovery.confirmed"];
+        let validator = jsonschema::validator_for(schema).unwrap();
+        let id = Uuid::now_v7();
+        let payload = json!({ "recovery_id": id, "actor_id": id });
+        let valid = Envelope::new_command("recovery.confirmed", &payload).unwrap();
+        assert!(validator.is_valid(&serde_json::to_value(&valid).unwrap()));
+
+        let missing = Envelope::new_command("recovery.confirmed", &json!({ "recovery_id": id }));
+        assert!(!validator.is_valid(&serde_json::to_value(missing.unwrap()).unwrap()));
+        let other_type = Envelope::new_command("recovery.cancelled", &payload).unwrap();
+        assert!(!validator.is_valid(&serde_json::to_value(&other_type).unwrap()));
+        let mut other_version = serde_json::to_value(&valid).unwrap();
+        other_version["version"] = json!(2);
+        assert!(!validator.is_valid(&other_version));
     }
 }
