@@ -184,10 +184,7 @@ mod tests {
             "added_by_a_newer_portal": true
         });
         let command: RecoveryRequested = serde_json::from_value(payload).unwrap();
-        assert_eq!(
-            command.truster_id.to_string(),
-            "0b9e6a52-3f49-4c1a-9b0e-2a7f4d0c9e11"
-        );
+        assert_eq!(command.truster_id.to_string(), "0b9e6a52-3f49-4c1a-9b0e-2a7f4d0c9e11");
     }
 
     #[test]
@@ -204,10 +201,7 @@ mod tests {
         });
         let account: AccountUpdated = serde_json::from_value(payload).unwrap();
         assert_eq!(account.phone, None);
-        assert_eq!(
-            account.birth_date,
-            NaiveDate::from_ymd_opt(1962, 5, 16).unwrap()
-        );
+        assert_eq!(account.birth_date, NaiveDate::from_ymd_opt(1962, 5, 16).unwrap());
     }
 
     #[test]

@@ -67,10 +67,8 @@ impl Envelope {
 
     /// Reads the payload as the type its handler expects.
     pub fn payload_as<P: DeserializeOwned>(&self) -> Result<P, EnvelopeError> {
-        P::deserialize(&self.payload).map_err(|source| EnvelopeError::InvalidPayload {
-            kind: self.kind.clone(),
-            source,
-        })
+        P::deserialize(&self.payload)
+            .map_err(|source| EnvelopeError::InvalidPayload { kind: self.kind.clone(), source })
     }
 
     /// The flow this message belongs to: its own correlation id, or its
@@ -154,10 +152,7 @@ mod tests {
     fn an_unknown_version_is_refused() {
         let mut value = valid();
         value["version"] = json!(2);
-        assert!(matches!(
-            Envelope::parse(&body(value)),
-            Err(EnvelopeError::UnsupportedVersion(2))
-        ));
+        assert!(matches!(Envelope::parse(&body(value)), Err(EnvelopeError::UnsupportedVersion(2))));
     }
 
     #[test]

@@ -148,11 +148,7 @@ pub fn eligibility_problems(
     if age_on(profile.birth_date, today) < role.minimum_age() {
         return Some(too_young);
     }
-    if !profile
-        .citizenship
-        .trim()
-        .eq_ignore_ascii_case(RUSSIAN_FEDERATION)
-    {
+    if !profile.citizenship.trim().eq_ignore_ascii_case(RUSSIAN_FEDERATION) {
         return Some(not_citizen);
     }
     if !profile.verified {
@@ -161,10 +157,7 @@ pub fn eligibility_problems(
     if !profile.has_passport {
         return Some(no_passport);
     }
-    let reachable_by_sms = profile
-        .phone
-        .as_deref()
-        .is_some_and(|p| normalize_phone(p).is_ok());
+    let reachable_by_sms = profile.phone.as_deref().is_some_and(|p| normalize_phone(p).is_ok());
     if !reachable_by_sms {
         return Some(no_phone);
     }
@@ -200,13 +193,9 @@ mod tests {
 
     #[test]
     fn hyphens_and_runs_of_spaces_are_one_separator() {
-        for typed in [
-            "анна - мария",
-            "АННА  МАРИЯ",
-            "Анна–Мария",
-            "Анна\u{00A0}Мария",
-            "анна--мария",
-        ] {
+        for typed in
+            ["анна - мария", "АННА  МАРИЯ", "Анна–Мария", "Анна\u{00A0}Мария", "анна--мария"]
+        {
             assert!(names_match(typed, "Анна-Мария"), "{typed:?}");
         }
         assert!(names_match("-Анна-", "Анна"));
@@ -215,10 +204,7 @@ mod tests {
     #[test]
     fn different_names_do_not_match() {
         assert!(!names_match("Анна", "Анна-Мария"));
-        assert!(
-            !names_match("Аннa", "Анна"),
-            "a Latin a is not a Cyrillic а"
-        );
+        assert!(!names_match("Аннa", "Анна"), "a Latin a is not a Cyrillic а");
         assert!(!names_match("Анна", "Инна"));
         assert!(!names_match("АннаМария", "Анна-Мария"));
         assert!(!names_match("", ""));
@@ -267,20 +253,14 @@ mod tests {
     #[test]
     fn a_truster_is_accepted_on_their_fourteenth_birthday() {
         let profile = eligible_born(date(2012, 12, 3));
-        assert_eq!(
-            eligibility_problems(&profile, Role::Truster, date(2026, 12, 3)),
-            None
-        );
+        assert_eq!(eligibility_problems(&profile, Role::Truster, date(2026, 12, 3)), None);
     }
 
     #[test]
     fn a_contact_one_day_short_of_eighteen_is_refused() {
         let profile = eligible_born(date(2008, 12, 4));
         let today = date(2026, 12, 3);
-        assert_eq!(
-            eligibility_problems(&profile, Role::Contact, today),
-            Some("contact_too_young")
-        );
+        assert_eq!(eligibility_problems(&profile, Role::Contact, today), Some("contact_too_young"));
         assert_eq!(eligibility_problems(&profile, Role::Truster, today), None);
         let today = date(2026, 12, 4);
         assert_eq!(eligibility_problems(&profile, Role::Contact, today), None);
@@ -291,10 +271,7 @@ mod tests {
         let profile = eligible_born(date(2008, 2, 29));
         let refused = eligibility_problems(&profile, Role::Contact, date(2026, 2, 28));
         assert_eq!(refused, Some(reasons::CONTACT_TOO_YOUNG));
-        assert_eq!(
-            eligibility_problems(&profile, Role::Contact, date(2026, 3, 1)),
-            None
-        );
+        assert_eq!(eligibility_problems(&profile, Role::Contact, date(2026, 3, 1)), None);
     }
 
     #[test]
@@ -304,39 +281,17 @@ mod tests {
         // How to break one rule, and the reason expected for each role.
         type Case = (fn(&mut Profile), &'static str, &'static str);
         let cases: [Case; 5] = [
-            (
-                |p| p.citizenship = "UA".to_owned(),
-                "truster_not_citizen",
-                "contact_not_citizen",
-            ),
-            (
-                |p| p.verified = false,
-                "truster_not_verified",
-                "contact_not_verified",
-            ),
-            (
-                |p| p.has_passport = false,
-                "truster_no_passport",
-                "contact_no_passport",
-            ),
+            (|p| p.citizenship = "UA".to_owned(), "truster_not_citizen", "contact_not_citizen"),
+            (|p| p.verified = false, "truster_not_verified", "contact_not_verified"),
+            (|p| p.has_passport = false, "truster_no_passport", "contact_no_passport"),
             (|p| p.phone = None, "truster_no_phone", "contact_no_phone"),
-            (
-                |p| p.phone = Some("+74951234567".to_owned()),
-                "truster_no_phone",
-                "contact_no_phone",
-            ),
+            (|p| p.phone = Some("+74951234567".to_owned()), "truster_no_phone", "contact_no_phone"),
         ];
         for (break_rule, as_truster, as_contact) in cases {
             let mut profile = adult.clone();
             break_rule(&mut profile);
-            assert_eq!(
-                eligibility_problems(&profile, Role::Truster, today),
-                Some(as_truster)
-            );
-            assert_eq!(
-                eligibility_problems(&profile, Role::Contact, today),
-                Some(as_contact)
-            );
+            assert_eq!(eligibility_problems(&profile, Role::Truster, today), Some(as_truster));
+            assert_eq!(eligibility_problems(&profile, Role::Contact, today), Some(as_contact));
         }
     }
 

@@ -64,10 +64,7 @@ pub fn normalize_phone(input: &str) -> Result<String, PhoneError> {
 
 fn is_separator(c: char) -> bool {
     c.is_whitespace()
-        || matches!(
-            c,
-            '-' | '.' | '(' | ')' | '\u{2010}'..='\u{2015}' | '\u{2212}' | '\u{00AD}'
-        )
+        || matches!(c, '-' | '.' | '(' | ')' | '\u{2010}'..='\u{2015}' | '\u{2212}' | '\u{00AD}')
 }
 
 /// Masks a phone for logs: `+79001234567` becomes `+7900***4567`. Anything
@@ -106,11 +103,7 @@ mod tests {
             "+7 (900) 123 - 45 - 67",
         ];
         for input in typed {
-            assert_eq!(
-                normalize_phone(input).as_deref(),
-                Ok(EXPECTED),
-                "input {input:?}"
-            );
+            assert_eq!(normalize_phone(input).as_deref(), Ok(EXPECTED), "input {input:?}");
         }
     }
 
@@ -134,32 +127,16 @@ mod tests {
             "+7 900 １２３ 45 67",
             "8 900 123_45_67",
         ] {
-            assert_eq!(
-                normalize_phone(input),
-                Err(PhoneError::InvalidCharacter),
-                "{input:?}"
-            );
+            assert_eq!(normalize_phone(input), Err(PhoneError::InvalidCharacter), "{input:?}");
         }
     }
 
     #[test]
     fn wrong_lengths_are_refused() {
-        assert_eq!(
-            normalize_phone("900123456"),
-            Err(PhoneError::WrongLength(9))
-        );
-        assert_eq!(
-            normalize_phone("+7900123456"),
-            Err(PhoneError::WrongLength(10))
-        );
-        assert_eq!(
-            normalize_phone("890012345678"),
-            Err(PhoneError::WrongLength(12))
-        );
-        assert!(matches!(
-            normalize_phone(&"9".repeat(10_000)),
-            Err(PhoneError::WrongLength(_))
-        ));
+        assert_eq!(normalize_phone("900123456"), Err(PhoneError::WrongLength(9)));
+        assert_eq!(normalize_phone("+7900123456"), Err(PhoneError::WrongLength(10)));
+        assert_eq!(normalize_phone("890012345678"), Err(PhoneError::WrongLength(12)));
+        assert!(matches!(normalize_phone(&"9".repeat(10_000)), Err(PhoneError::WrongLength(_))));
     }
 
     #[test]
@@ -177,10 +154,7 @@ mod tests {
         ] {
             assert!(normalize_phone(input).is_err(), "{input:?} was accepted");
         }
-        assert_eq!(
-            normalize_phone("+7 701 123 45 67"),
-            Err(PhoneError::NotRussianMobile)
-        );
+        assert_eq!(normalize_phone("+7 701 123 45 67"), Err(PhoneError::NotRussianMobile));
     }
 
     #[test]
@@ -202,10 +176,7 @@ mod tests {
     /// check, which is not a failure of this code.
     #[test]
     fn every_sample_account_phone_as_typed_normalises_to_its_phone() {
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../shared/data/accounts.jsonl"
-        );
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/data/accounts.jsonl");
         let Ok(sample) = std::fs::read_to_string(path) else {
             eprintln!("skipped: {path} is absent");
             return;
@@ -213,17 +184,12 @@ mod tests {
         let mut checked = 0;
         for line in sample.lines().filter(|line| !line.trim().is_empty()) {
             let account: serde_json::Value = serde_json::from_str(line).unwrap();
-            let (Some(expected), Some(typed)) = (
-                account["phone"].as_str(),
-                account["phone_as_typed"].as_str(),
-            ) else {
+            let (Some(expected), Some(typed)) =
+                (account["phone"].as_str(), account["phone_as_typed"].as_str())
+            else {
                 continue;
             };
-            assert_eq!(
-                normalize_phone(typed).as_deref(),
-                Ok(expected),
-                "typed {typed:?}"
-            );
+            assert_eq!(normalize_phone(typed).as_deref(), Ok(expected), "typed {typed:?}");
             assert_eq!(normalize_phone(expected).as_deref(), Ok(expected));
             checked += 1;
         }

@@ -56,14 +56,9 @@ fn envelope_schema<P: Message>() -> (String, Value) {
     let mut schema = schema_for!(Envelope<P>);
     schema.insert("title".to_owned(), json!(P::TYPE));
     if let Some(properties) = schema.get_mut("properties").and_then(Value::as_object_mut) {
-        properties.insert(
-            "type".to_owned(),
-            json!({ "type": "string", "const": P::TYPE }),
-        );
-        properties.insert(
-            "version".to_owned(),
-            json!({ "type": "integer", "const": SUPPORTED_VERSION }),
-        );
+        properties.insert("type".to_owned(), json!({ "type": "string", "const": P::TYPE }));
+        properties
+            .insert("version".to_owned(), json!({ "type": "integer", "const": SUPPORTED_VERSION }));
     }
     (P::TYPE.to_owned(), schema.to_value())
 }
@@ -102,19 +97,13 @@ mod tests {
     fn a_schema_pins_the_type_and_requires_the_payload_fields() {
         let schemas = json_schemas();
         let schema = &schemas["commands"]["recovery.code_submitted"];
-        assert_eq!(
-            schema["properties"]["type"]["const"],
-            "recovery.code_submitted"
-        );
+        assert_eq!(schema["properties"]["type"]["const"], "recovery.code_submitted");
         assert_eq!(schema["properties"]["version"]["const"], 1);
         let required = schema["required"].as_array().unwrap();
         assert!(required.contains(&json!("payload")));
         assert!(required.contains(&json!("message_id")));
         let payload = serde_json::to_string(&schema["$defs"]).unwrap();
-        assert!(
-            payload.contains("recovery_id"),
-            "payload not described: {payload}"
-        );
+        assert!(payload.contains("recovery_id"), "payload not described: {payload}");
     }
 
     /// Serialises `payload` the way a worker publishes it and checks it
@@ -125,15 +114,8 @@ mod tests {
         let cause = Envelope::new_command("recovery.requested", &json!({})).unwrap();
         let envelope = cause.caused(P::TYPE, &payload).unwrap();
         let instance = serde_json::to_value(&envelope).unwrap();
-        let errors: Vec<String> = validator
-            .iter_errors(&instance)
-            .map(|e| e.to_string())
-            .collect();
-        assert!(
-            errors.is_empty(),
-            "{} does not match its schema: {errors:?}",
-            P::TYPE
-        );
+        let errors: Vec<String> = validator.iter_errors(&instance).map(|e| e.to_string()).collect();
+        assert!(errors.is_empty(), "{} does not match its schema: {errors:?}", P::TYPE);
     }
 
     #[test]
@@ -161,45 +143,22 @@ mod tests {
                 contact_phone: "8 (900) 123-45-67".to_owned(),
             },
         );
-        let invitation = InvitationAccepted {
-            invitation_id: id,
-            actor_id: id,
-        };
+        let invitation = InvitationAccepted { invitation_id: id, actor_id: id };
         assert_published_form_validates("commands", invitation);
-        let invitation = InvitationDeclined {
-            invitation_id: id,
-            actor_id: id,
-        };
+        let invitation = InvitationDeclined { invitation_id: id, actor_id: id };
         assert_published_form_validates("commands", invitation);
-        let disconnect = ContactDisconnectRequested {
-            actor_id: id,
-            truster_id: id,
-        };
+        let disconnect = ContactDisconnectRequested { actor_id: id, truster_id: id };
         assert_published_form_validates("commands", disconnect);
         assert_published_form_validates("commands", RecoveryRequested { truster_id: id });
-        let confirmed = RecoveryConfirmed {
-            recovery_id: id,
-            actor_id: id,
-        };
+        let confirmed = RecoveryConfirmed { recovery_id: id, actor_id: id };
         assert_published_form_validates("commands", confirmed);
         let code = "123456".to_owned();
-        let submitted = RecoveryCodeSubmitted {
-            recovery_id: id,
-            actor_id: id,
-            code,
-        };
+        let submitted = RecoveryCodeSubmitted { recovery_id: id, actor_id: id, code };
         assert_published_form_validates("commands", submitted);
         let reason = "suspected_fraud".to_owned();
-        let declined = RecoveryDeclined {
-            recovery_id: id,
-            actor_id: id,
-            reason,
-        };
+        let declined = RecoveryDeclined { recovery_id: id, actor_id: id, reason };
         assert_published_form_validates("commands", declined);
-        let cancelled = RecoveryCancelled {
-            recovery_id: id,
-            actor_id: id,
-        };
+        let cancelled = RecoveryCancelled { recovery_id: id, actor_id: id };
         assert_published_form_validates("commands", cancelled);
     }
 
@@ -229,29 +188,13 @@ mod tests {
             assert_published_form_validates("events", rejected);
         }
         let (invitation_id, truster_id, contact_id) = parties;
-        let accepted = InvitationAccepted {
-            invitation_id,
-            truster_id,
-            contact_id,
-        };
+        let accepted = InvitationAccepted { invitation_id, truster_id, contact_id };
         assert_published_form_validates("events", accepted);
-        let declined = InvitationDeclined {
-            invitation_id,
-            truster_id,
-            contact_id,
-        };
+        let declined = InvitationDeclined { invitation_id, truster_id, contact_id };
         assert_published_form_validates("events", declined);
-        let expired = InvitationExpired {
-            invitation_id,
-            truster_id,
-            contact_id,
-        };
+        let expired = InvitationExpired { invitation_id, truster_id, contact_id };
         assert_published_form_validates("events", expired);
-        let disconnected = ContactDisconnected {
-            truster_id,
-            contact_id,
-            actor_id: id,
-        };
+        let disconnected = ContactDisconnected { truster_id, contact_id, actor_id: id };
         assert_published_form_validates("events", disconnected);
         let refused = ContactDisconnectRejected {
             truster_id,
@@ -292,37 +235,17 @@ mod tests {
             reason: reason(),
         };
         assert_published_form_validates("events", wrong);
-        let approved = RecoveryApproved {
-            recovery_id,
-            truster_id,
-            contact_id,
-        };
+        let approved = RecoveryApproved { recovery_id, truster_id, contact_id };
         assert_published_form_validates("events", approved);
-        let declined = RecoveryDeclined {
-            recovery_id,
-            truster_id,
-            contact_id,
-            reason: reason(),
-        };
+        let declined = RecoveryDeclined { recovery_id, truster_id, contact_id, reason: reason() };
         assert_published_form_validates("events", declined);
-        let expired = RecoveryExpired {
-            recovery_id,
-            truster_id,
-            contact_id,
-        };
+        let expired = RecoveryExpired { recovery_id, truster_id, contact_id };
         assert_published_form_validates("events", expired);
-        let cancelled = RecoveryCancelled {
-            recovery_id,
-            truster_id,
-            contact_id,
-        };
+        let cancelled = RecoveryCancelled { recovery_id, truster_id, contact_id };
         assert_published_form_validates("events", cancelled);
         let text = "Анна П. просит вас стать доверенным лицом".to_owned();
-        let notification = CabinetNotification {
-            account_id: id,
-            kind: "invitation".to_owned(),
-            text,
-        };
+        let notification =
+            CabinetNotification { account_id: id, kind: "invitation".to_owned(), text };
         assert_published_form_validates("events", notification);
     }
 

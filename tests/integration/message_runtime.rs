@@ -200,8 +200,10 @@ async fn a_message_that_always_fails_transiently_is_dead_lettered_after_the_limi
     assert_eq!(dead.len(), 1);
     let table = dead[0].properties.headers().clone().unwrap();
     assert_eq!(headers::get_u32(&table, headers::ATTEMPTS), Some(5));
-    assert_eq!(headers::get_str(&table, headers::FAILURE_KIND).as_deref(),
-        Some("retries_exhausted"));
+    assert_eq!(
+        headers::get_str(&table, headers::FAILURE_KIND).as_deref(),
+        Some("retries_exhausted")
+    );
     assert_eq!(count(&env, "SELECT count(*) FROM probe_attempts").await, 5);
     let id = dead[0].properties.message_id().as_ref().map(|id| id.to_string());
     assert_eq!(id, Some(message.message_id.to_string()));
@@ -239,8 +241,10 @@ async fn bad_messages_are_dead_lettered_with_their_reason_and_the_next_flows() {
         assert!(headers::get_str(&table, headers::ERROR).unwrap().contains(error));
         assert_eq!(headers::get_u32(&table, headers::ATTEMPTS), Some(1));
         assert_eq!(headers::get_str(&table, headers::ORIGINAL_EXCHANGE), Some(exchange.clone()));
-        assert_eq!(headers::get_str(&table, headers::ORIGINAL_ROUTING_KEY).as_deref(),
-            Some(routing_key));
+        assert_eq!(
+            headers::get_str(&table, headers::ORIGINAL_ROUTING_KEY).as_deref(),
+            Some(routing_key)
+        );
         for header in [headers::FIRST_FAILURE_AT, headers::LAST_FAILURE_AT] {
             let at = headers::get_str(&table, header).unwrap();
             let at = chrono::DateTime::parse_from_rfc3339(&at).unwrap();
@@ -319,12 +323,8 @@ async fn migrate_works_on_an_empty_database_and_again_on_a_migrated_one() {
     let database = format!("{}_fresh", env.database);
     let url = format!("{}/{database}", crate::support::PG_SERVER);
     for run in 0..2 {
-        let output = env
-            .binary_command(&["migrate"])
-            .env("TC_DATABASE_URL", &url)
-            .output()
-            .await
-            .unwrap();
+        let output =
+            env.binary_command(&["migrate"]).env("TC_DATABASE_URL", &url).output().await.unwrap();
         assert!(output.status.success(), "migrate run {run} failed: {:?}", output);
     }
     let pool = sqlx::PgPool::connect(&url).await.unwrap();

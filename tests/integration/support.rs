@@ -372,8 +372,11 @@ impl EventTap {
                 return seen;
             }
             if tokio::time::Instant::now() > deadline {
-                panic!("timed out waiting for {what}; saw {} messages: {:?}", seen.len(),
-                    seen.iter().map(|e| e.kind.as_str()).collect::<Vec<_>>());
+                panic!(
+                    "timed out waiting for {what}; saw {} messages: {:?}",
+                    seen.len(),
+                    seen.iter().map(|e| e.kind.as_str()).collect::<Vec<_>>()
+                );
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
@@ -387,9 +390,7 @@ impl EventTap {
                 s.iter().any(|e| e.kind == kind && e.causation_id.as_deref() == Some(&id))
             })
             .await;
-        seen.into_iter()
-            .find(|e| e.kind == kind && e.causation_id.as_deref() == Some(&id))
-            .unwrap()
+        seen.into_iter().find(|e| e.kind == kind && e.causation_id.as_deref() == Some(&id)).unwrap()
     }
 }
 

@@ -47,10 +47,8 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let workers = workers.to_vec();
-    serve(settings, shutdown, move |_runtime| {
-        workers.iter().map(|name| match *name {}).collect()
-    })
-    .await
+    serve(settings, shutdown, move |_runtime| workers.iter().map(|name| match *name {}).collect())
+        .await
 }
 
 /// The life of a worker process: ledger, migrations, relay, the workers that

@@ -191,7 +191,10 @@ impl LedgerTx {
 
 /// One statement for all of a transaction's outgoing messages: one round trip
 /// whatever the number of events and notifications.
-async fn insert_outbox(conn: &mut PgConnection, messages: &[OutgoingMessage]) -> anyhow::Result<()> {
+async fn insert_outbox(
+    conn: &mut PgConnection,
+    messages: &[OutgoingMessage],
+) -> anyhow::Result<()> {
     let mut ids = Vec::with_capacity(messages.len());
     let mut kinds = Vec::with_capacity(messages.len());
     let mut exchanges = Vec::with_capacity(messages.len());

@@ -112,7 +112,7 @@ where
     T::Err: Into<anyhow::Error>,
 {
     match std::env::var(name) {
-        Ok(raw) => raw.trim().parse().map_err(Into::into).with_context(|| format!("{name}")),
+        Ok(raw) => raw.trim().parse().map_err(Into::into).with_context(|| name.to_owned()),
         Err(_) => Ok(default),
     }
 }

@@ -37,7 +37,7 @@ pub fn redact_for_log(text: &str) -> String {
         if in_quotes {
             if ch == '"' || ch == '`' {
                 in_quotes = false;
-                out.push_str("…");
+                out.push('…');
                 out.push(ch);
             }
             continue;
@@ -65,7 +65,8 @@ mod tests {
 
     #[test]
     fn quoted_values_and_long_digit_runs_are_hidden() {
-        let text = r#"invalid value: string "Иванов", expected a date at line 1 column 12; +79001234567"#;
+        let text =
+            r#"invalid value: string "Иванов", expected a date at line 1 column 12; +79001234567"#;
         let redacted = redact_for_log(text);
         assert!(!redacted.contains("Иванов"));
         assert!(!redacted.contains("9001234567"));

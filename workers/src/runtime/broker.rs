@@ -112,7 +112,11 @@ pub async fn declare_topology(
         let dead = topology.dead_letter_queue(worker.name);
         for name in [&queue, &dead] {
             channel
-                .queue_declare(name.as_str().into(), durable(), queue_arguments(settings.queue_type))
+                .queue_declare(
+                    name.as_str().into(),
+                    durable(),
+                    queue_arguments(settings.queue_type),
+                )
                 .await
                 .with_context(|| format!("cannot declare queue {name}"))?;
         }
@@ -145,8 +149,7 @@ pub async fn delete_topology(
 ) -> anyhow::Result<()> {
     use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
     for worker in workers {
-        for queue in [topology.worker_queue(worker.name), topology.dead_letter_queue(worker.name)]
-        {
+        for queue in [topology.worker_queue(worker.name), topology.dead_letter_queue(worker.name)] {
             channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await?;
         }
     }
@@ -210,10 +213,11 @@ impl Publisher {
 
     async fn channel(&self) -> anyhow::Result<Channel> {
         let mut cached = self.channel.lock().await;
-        if let Some((connection, channel)) = cached.as_ref() {
-            if connection.status().connected() && channel.status().connected() {
-                return Ok(channel.clone());
-            }
+        if let Some((connection, channel)) = cached.as_ref()
+            && connection.status().connected()
+            && channel.status().connected()
+        {
+            return Ok(channel.clone());
         }
         *cached = None;
         let connection = self.pool.get().await.map_err(|e| anyhow!("{e}"))?;
@@ -248,8 +252,8 @@ impl Publisher {
             let (exchange, routing_key) = if publication.delay.is_zero() {
                 (publication.exchange.as_str(), publication.routing_key.clone())
             } else {
-                let queue = self.delay_queue(&channel, &publication.routing_key, publication.delay)
-                    .await?;
+                let queue =
+                    self.delay_queue(&channel, &publication.routing_key, publication.delay).await?;
                 ("", queue)
             };
             let confirm = channel
@@ -301,10 +305,8 @@ impl Publisher {
         arguments.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl));
         arguments.insert("x-expires".into(), AMQPValue::LongLongInt(expiry));
         arguments.insert("x-dead-letter-exchange".into(), AMQPValue::LongString("".into()));
-        arguments.insert(
-            "x-dead-letter-routing-key".into(),
-            AMQPValue::LongString(target_queue.into()),
-        );
+        arguments
+            .insert("x-dead-letter-routing-key".into(), AMQPValue::LongString(target_queue.into()));
         channel
             .queue_declare(ShortString::from(name.as_str()), durable(), arguments)
             .await

@@ -60,8 +60,11 @@ impl<W: Worker> Consumer<W> {
                     break;
                 }
                 Err(error) => {
-                    tracing::warn!(worker = name, error = format!("{error:#}"),
-                        "lost the broker or the consumer, reconnecting");
+                    tracing::warn!(
+                        worker = name,
+                        error = format!("{error:#}"),
+                        "lost the broker or the consumer, reconnecting"
+                    );
                     let _ = connection.close(200, "reconnecting".into()).await;
                 }
             }
@@ -125,8 +128,11 @@ impl<W: Worker> Consumer<W> {
         self.tasks.close();
         let grace = self.settings.shutdown_grace;
         if tokio::time::timeout(grace, self.tasks.wait()).await.is_err() {
-            tracing::warn!(worker = self.worker.spec().name, in_flight = self.tasks.len(),
-                "handlers still running after the shutdown grace; the broker will redeliver");
+            tracing::warn!(
+                worker = self.worker.spec().name,
+                in_flight = self.tasks.len(),
+                "handlers still running after the shutdown grace; the broker will redeliver"
+            );
         }
     }
 }
@@ -207,7 +213,10 @@ impl<W: Worker> Step<W> {
     /// message back for redelivery, after a pause so that a broker in trouble
     /// is not hammered.
     async fn give_back(&self, delivery: &Delivery, error: anyhow::Error) {
-        tracing::warn!(error = format!("{error:#}"), "cannot route a failed message, giving it back");
+        tracing::warn!(
+            error = format!("{error:#}"),
+            "cannot route a failed message, giving it back"
+        );
         tokio::time::sleep(Duration::from_secs(1)).await;
         let requeue = BasicNackOptions { requeue: true, ..BasicNackOptions::default() };
         if let Err(error) = delivery.nack(requeue).await {
@@ -215,15 +224,24 @@ impl<W: Worker> Step<W> {
         }
     }
 
-    async fn retry(&self, delivery: Delivery, error: &anyhow::Error, retry_after: Option<Duration>) {
+    async fn retry(
+        &self,
+        delivery: Delivery,
+        error: &anyhow::Error,
+        retry_after: Option<Duration>,
+    ) {
         let table = delivery.properties.headers().clone().unwrap_or_default();
         let failed = headers::get_u32(&table, headers::ATTEMPTS).unwrap_or(0).saturating_add(1);
         if failed >= self.settings.retry_limit {
             return self.dead_letter(delivery, FailureKind::RetriesExhausted, error).await;
         }
         let delay = retry_delay(&self.settings, failed).max(retry_after.unwrap_or_default());
-        tracing::warn!(error = redact_for_log(&format!("{error:#}")), attempt = failed,
-            retry_in_ms = delay.as_millis() as u64, "transient failure, retrying later");
+        tracing::warn!(
+            error = redact_for_log(&format!("{error:#}")),
+            attempt = failed,
+            retry_in_ms = delay.as_millis() as u64,
+            "transient failure, retrying later"
+        );
         let mut table = failure_headers(&delivery, table, failed, error);
         headers::set_str(&mut table, headers::WORKER, self.worker.spec().name);
         let publication = Publication {
@@ -246,8 +264,12 @@ impl<W: Worker> Step<W> {
         let mut table = failure_headers(&delivery, table, attempts, error);
         headers::set_str(&mut table, headers::WORKER, spec.name);
         headers::set_str(&mut table, headers::FAILURE_KIND, kind.as_str());
-        tracing::error!(error = redact_for_log(&format!("{error:#}")), failure = kind.as_str(),
-            attempts, "message failed for good, dead-lettering");
+        tracing::error!(
+            error = redact_for_log(&format!("{error:#}")),
+            failure = kind.as_str(),
+            attempts,
+            "message failed for good, dead-lettering"
+        );
         let publication = Publication {
             exchange: String::new(),
             routing_key: self.context.topology.dead_letter_queue(spec.name),

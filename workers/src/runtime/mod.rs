@@ -78,7 +78,11 @@ pub struct Runtime {
 }
 
 impl Runtime {
-    pub fn new(settings: Settings, pool: PgPool, shutdown: CancellationToken) -> anyhow::Result<Self> {
+    pub fn new(
+        settings: Settings,
+        pool: PgPool,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Self> {
         let publisher = Arc::new(Publisher::new(&settings, "runtime")?);
         Ok(Runtime {
             settings,

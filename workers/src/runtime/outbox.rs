@@ -59,8 +59,11 @@ impl OutboxRelay {
                 Err(error) => {
                     failures = failures.saturating_add(1);
                     let pause = Duration::from_millis(100 * 2u64.pow(failures.min(6)));
-                    tracing::warn!(error = format!("{error:#}"), retry_in_ms = pause.as_millis() as u64,
-                        "outbox relay failed, retrying");
+                    tracing::warn!(
+                        error = format!("{error:#}"),
+                        retry_in_ms = pause.as_millis() as u64,
+                        "outbox relay failed, retrying"
+                    );
                     tokio::select! {
                         () = tokio::time::sleep(pause) => continue,
                         () = shutdown.cancelled() => break,
@@ -75,8 +78,10 @@ impl OutboxRelay {
         }
         match self.drain().await {
             Ok(count) => tracing::info!(published = count, "outbox flushed before shutdown"),
-            Err(error) => tracing::warn!(error = format!("{error:#}"),
-                "outbox not flushed before shutdown; rows stay for the next relay"),
+            Err(error) => tracing::warn!(
+                error = format!("{error:#}"),
+                "outbox not flushed before shutdown; rows stay for the next relay"
+            ),
         }
     }
 

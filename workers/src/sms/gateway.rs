@@ -52,11 +52,7 @@ pub struct GatewayConfig {
 
     /// Phones refused as blocked recipients, besides those starting with
     /// +7999000.
-    #[arg(
-        long = "blocked-phone",
-        env = "SMS_GATEWAY_BLOCKED_PHONES",
-        value_delimiter = ','
-    )]
+    #[arg(long = "blocked-phone", env = "SMS_GATEWAY_BLOCKED_PHONES", value_delimiter = ',')]
     pub blocked_phones: Vec<String>,
 
     /// How many attempts `GET /requests` remembers; the oldest are forgotten
@@ -113,11 +109,7 @@ pub struct Behaviour {
 
     /// Share (0..1) of new messages that are delivered but answered only after
     /// `stall_ms`.
-    #[arg(
-        long,
-        env = "SMS_GATEWAY_ACCEPT_THEN_STALL_RATIO",
-        default_value_t = 0.0
-    )]
+    #[arg(long, env = "SMS_GATEWAY_ACCEPT_THEN_STALL_RATIO", default_value_t = 0.0)]
     pub accept_then_stall_ratio: f64,
 
     /// How long a stalled reply is held back.
@@ -247,12 +239,7 @@ struct Reply {
 
 impl Reply {
     fn error(status: StatusCode, code: &str) -> Self {
-        Self {
-            status,
-            body: serde_json::json!({ "error": code }),
-            retry_after: None,
-            delay: None,
-        }
+        Self { status, body: serde_json::json!({ "error": code }), retry_after: None, delay: None }
     }
 
     fn accepted(status: StatusCode, provider_id: &str) -> Self {
@@ -287,16 +274,9 @@ impl Gateway {
     fn new(config: GatewayConfig) -> Self {
         Self {
             token: config.token,
-            blocked: config
-                .blocked_phones
-                .into_iter()
-                .map(|p| p.trim().to_owned())
-                .collect(),
+            blocked: config.blocked_phones.into_iter().map(|p| p.trim().to_owned()).collect(),
             max_logged_requests: config.max_logged_requests,
-            ledger: Mutex::new(Ledger {
-                behaviour: config.behaviour,
-                ..Ledger::default()
-            }),
+            ledger: Mutex::new(Ledger { behaviour: config.behaviour, ..Ledger::default() }),
         }
     }
 
@@ -310,9 +290,7 @@ impl Gateway {
         let Some(token) = &self.token else {
             return true;
         };
-        let presented = headers
-            .get(AUTHORIZATION)
-            .and_then(|value| value.to_str().ok());
+        let presented = headers.get(AUTHORIZATION).and_then(|value| value.to_str().ok());
         presented.and_then(|value| value.strip_prefix("Bearer ")) == Some(token.expose())
     }
 
@@ -399,9 +377,7 @@ impl Gateway {
             return Reply::accepted(StatusCode::OK, provider_id);
         }
         let provider_id = uuid::Uuid::new_v4().to_string();
-        ledger
-            .provider_ids
-            .insert(request.client_message_id.clone(), provider_id.clone());
+        ledger.provider_ids.insert(request.client_message_id.clone(), provider_id.clone());
         ledger.delivered.push(DeliveredMessage {
             phone: request.phone.clone(),
             text: request.text.clone(),
@@ -540,13 +516,8 @@ pub async fn serve(
     config: GatewayConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    config
-        .behaviour
-        .validate()
-        .context("invalid SMS gateway behaviour")?;
-    let addr = listener
-        .local_addr()
-        .context("reading the SMS gateway's address")?;
+    config.behaviour.validate().context("invalid SMS gateway behaviour")?;
+    let addr = listener.local_addr().context("reading the SMS gateway's address")?;
     let app = router(Arc::new(Gateway::new(config)));
     tracing::info!(%addr, "sms gateway listening");
     axum::serve(listener, app)
@@ -589,26 +560,12 @@ mod tests {
 
         async fn messages(&self, query: &str) -> Vec<DeliveredMessage> {
             let url = format!("{}/messages{query}", self.base);
-            self.http
-                .get(url)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap()
+            self.http.get(url).send().await.unwrap().json().await.unwrap()
         }
 
         async fn requests(&self) -> Vec<RequestRecord> {
             let url = format!("{}/requests", self.base);
-            self.http
-                .get(url)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap()
+            self.http.get(url).send().await.unwrap().json().await.unwrap()
         }
 
         async fn control(&self, body: serde_json::Value) -> reqwest::Response {
@@ -624,18 +581,12 @@ mod tests {
         tokio::spawn(serve(listener, config, async {
             let _ = stopped.await;
         }));
-        Running {
-            base,
-            http: reqwest::Client::new(),
-            _stop: stop,
-        }
+        Running { base, http: reqwest::Client::new(), _stop: stop }
     }
 
     fn sms(phone: &str, id: &str) -> OutgoingSms {
         OutgoingSms {
-            phone: phone.into(),
-            text: "Код 123456".into(),
-            client_message_id: id.into(),
+            phone: phone.into(), text: "Код 123456".into(), client_message_id: id.into()
         }
     }
 
@@ -662,12 +613,7 @@ mod tests {
         let gateway = start(GatewayConfig::default()).await;
         let provider = gateway.provider(SECOND);
 
-        for phone in [
-            "89001234567",
-            "+7900123456",
-            "+7900123456a",
-            "+790012345678",
-        ] {
+        for phone in ["89001234567", "+7900123456", "+7900123456a", "+790012345678"] {
             let error = provider.send(&sms(phone, phone)).await.unwrap_err();
             assert!(!error.is_transient(), "{phone}: {error:?}");
             assert_eq!(error.reason(), "invalid_number");
@@ -698,10 +644,7 @@ mod tests {
         config.behaviour.retry_after_secs = 2;
         let gateway = start(config).await;
 
-        let error = gateway
-            .provider(SECOND)
-            .send(&sms("+79001234567", "m-1"))
-            .await;
+        let error = gateway.provider(SECOND).send(&sms("+79001234567", "m-1")).await;
 
         let error = error.unwrap_err();
         assert!(error.is_transient());
@@ -717,10 +660,7 @@ mod tests {
         let gateway = start(config).await;
 
         let provider = gateway.provider(Duration::from_millis(200));
-        let error = provider
-            .send(&sms("+79001234567", "m-1"))
-            .await
-            .unwrap_err();
+        let error = provider.send(&sms("+79001234567", "m-1")).await.unwrap_err();
 
         assert!(error.is_transient());
         assert_eq!(error.reason(), "timeout");
@@ -735,10 +675,7 @@ mod tests {
         config.behaviour.fail_ratio = 1.0;
         let gateway = start(config).await;
 
-        let error = gateway
-            .provider(SECOND)
-            .send(&sms("+79001234567", "m-1"))
-            .await;
+        let error = gateway.provider(SECOND).send(&sms("+79001234567", "m-1")).await;
 
         let error = error.unwrap_err();
         assert!(error.is_transient());
@@ -753,10 +690,7 @@ mod tests {
         drop(listener);
 
         let provider = HttpSmsProvider::new(&base, None, SECOND).unwrap();
-        let error = provider
-            .send(&sms("+79001234567", "m-1"))
-            .await
-            .unwrap_err();
+        let error = provider.send(&sms("+79001234567", "m-1")).await.unwrap_err();
 
         assert!(error.is_transient());
         assert_eq!(error.reason(), "connect");
@@ -764,27 +698,17 @@ mod tests {
 
     #[tokio::test]
     async fn only_the_configured_token_is_let_in() {
-        let config = GatewayConfig {
-            token: Some(Secret::new("right")),
-            ..GatewayConfig::default()
-        };
+        let config =
+            GatewayConfig { token: Some(Secret::new("right")), ..GatewayConfig::default() };
         let gateway = start(config).await;
 
         let wrong = HttpSmsProvider::new(&gateway.base, Some(Secret::new("wrong")), SECOND);
-        let error = wrong
-            .unwrap()
-            .send(&sms("+79001234567", "m-1"))
-            .await
-            .unwrap_err();
+        let error = wrong.unwrap().send(&sms("+79001234567", "m-1")).await.unwrap_err();
         assert!(!error.is_transient());
         assert_eq!(error.reason(), "unauthorized");
 
         let right = HttpSmsProvider::new(&gateway.base, Some(Secret::new("right")), SECOND);
-        right
-            .unwrap()
-            .send(&sms("+79001234567", "m-1"))
-            .await
-            .unwrap();
+        right.unwrap().send(&sms("+79001234567", "m-1")).await.unwrap();
         assert_eq!(gateway.messages("").await.len(), 1);
     }
 
@@ -793,24 +717,16 @@ mod tests {
         let gateway = start(GatewayConfig::default()).await;
         let provider = gateway.provider(SECOND);
 
-        let changed = gateway
-            .control(serde_json::json!({ "fail_ratio": 1.0 }))
-            .await;
+        let changed = gateway.control(serde_json::json!({ "fail_ratio": 1.0 })).await;
         assert_eq!(changed.status(), 200);
         assert!(provider.send(&sms("+79001234567", "m-1")).await.is_err());
 
-        gateway
-            .control(serde_json::json!({ "fail_ratio": 0.0 }))
-            .await;
+        gateway.control(serde_json::json!({ "fail_ratio": 0.0 })).await;
         assert!(provider.send(&sms("+79001234567", "m-1")).await.is_ok());
 
-        let refused = gateway
-            .control(serde_json::json!({ "throttle_ratio": 1.5 }))
-            .await;
+        let refused = gateway.control(serde_json::json!({ "throttle_ratio": 1.5 })).await;
         assert_eq!(refused.status(), 400);
-        let unknown = gateway
-            .control(serde_json::json!({ "explode": true }))
-            .await;
+        let unknown = gateway.control(serde_json::json!({ "explode": true })).await;
         assert_eq!(unknown.status(), 400);
     }
 
@@ -824,10 +740,7 @@ mod tests {
         for id in ["m-1", "m-2", "m-3"] {
             provider.send(&sms("+79001234567", id)).await.unwrap();
         }
-        let error = provider
-            .send(&sms("+79001234567", "m-4"))
-            .await
-            .unwrap_err();
+        let error = provider.send(&sms("+79001234567", "m-4")).await.unwrap_err();
 
         assert!(error.is_transient());
         assert_eq!(error.reason(), "rate_limited");
@@ -846,17 +759,10 @@ mod tests {
             messages.into_iter().map(|m| m.client_message_id).collect()
         };
         assert_eq!(ids(gateway.messages("").await), ["m-1", "m-2", "m-3"]);
-        assert_eq!(
-            ids(gateway.messages("?phone=%2B79001234567").await),
-            ["m-1", "m-3"]
-        );
+        assert_eq!(ids(gateway.messages("?phone=%2B79001234567").await), ["m-1", "m-3"]);
         assert_eq!(ids(gateway.messages("?phone=+79007654321").await), ["m-2"]);
 
-        let cleared = gateway
-            .http
-            .delete(format!("{}/messages", gateway.base))
-            .send()
-            .await;
+        let cleared = gateway.http.delete(format!("{}/messages", gateway.base)).send().await;
         assert_eq!(cleared.unwrap().status(), 204);
         assert!(gateway.messages("").await.is_empty());
         assert!(gateway.requests().await.is_empty());
@@ -870,18 +776,13 @@ mod tests {
         let provider = gateway.provider(SECOND);
 
         let _ = provider.send(&sms("+79001234567", "m-1")).await;
-        gateway
-            .control(serde_json::json!({ "throttle_ratio": 0.0 }))
-            .await;
+        gateway.control(serde_json::json!({ "throttle_ratio": 0.0 })).await;
         provider.send(&sms("+79001234567", "m-1")).await.unwrap();
 
         let log = gateway.requests().await;
         let seen: Vec<_> = log.iter().map(|r| (r.status, r.outcome.as_str())).collect();
         assert_eq!(seen, [(429, "throttled"), (201, "accepted")]);
-        assert!(
-            log.iter()
-                .all(|r| r.client_message_id.as_deref() == Some("m-1"))
-        );
+        assert!(log.iter().all(|r| r.client_message_id.as_deref() == Some("m-1")));
         assert!(log[0].at <= log[1].at);
     }
 

@@ -140,11 +140,7 @@ impl HttpSmsProvider {
             .build()
             .context("building the HTTP client for the SMS provider")?;
         let endpoint = format!("{}/v1/messages", base_url.trim_end_matches('/'));
-        Ok(Self {
-            client,
-            endpoint,
-            token,
-        })
+        Ok(Self { client, endpoint, token })
     }
 
     async fn post(&self, request: &OutgoingSms) -> Result<ProviderAccepted, ProviderError> {
@@ -170,16 +166,10 @@ impl HttpSmsProvider {
                     source: Some(error),
                 }
             })?;
-            return Ok(ProviderAccepted {
-                provider_id: accepted.id,
-            });
+            return Ok(ProviderAccepted { provider_id: accepted.id });
         }
         let retry_after = parse_retry_after(response.headers());
-        let code = response
-            .json::<ErrorBody>()
-            .await
-            .ok()
-            .map(|body| body.error);
+        let code = response.json::<ErrorBody>().await.ok().map(|body| body.error);
         Err(classify_status(status, code, retry_after))
     }
 }
@@ -216,11 +206,7 @@ fn transport_error(error: reqwest::Error) -> ProviderError {
     } else {
         "transport"
     };
-    ProviderError::Transient {
-        reason: reason.into(),
-        retry_after: None,
-        source: Some(error),
-    }
+    ProviderError::Transient { reason: reason.into(), retry_after: None, source: Some(error) }
 }
 
 fn classify_status(
@@ -233,11 +219,7 @@ fn classify_status(
         || status == StatusCode::TOO_MANY_REQUESTS
         || status == StatusCode::REQUEST_TIMEOUT;
     if transient {
-        ProviderError::Transient {
-            reason,
-            retry_after,
-            source: None,
-        }
+        ProviderError::Transient { reason, retry_after, source: None }
     } else {
         ProviderError::Permanent { reason }
     }

@@ -23,9 +23,7 @@ pub struct SendRateLimiter {
 impl SendRateLimiter {
     pub fn new(per_second: NonZeroU32, burst: NonZeroU32) -> Self {
         let quota = Quota::per_second(per_second).allow_burst(burst);
-        Self {
-            limiter: Arc::new(RateLimiter::direct(quota)),
-        }
+        Self { limiter: Arc::new(RateLimiter::direct(quota)) }
     }
 
     /// Waits until a permit is free and takes it.
@@ -87,11 +85,7 @@ mod tests {
             sender.await.unwrap();
         }
         // The burst goes at once; the other 50 come one per 20 ms.
-        assert!(
-            started.elapsed() >= Duration::from_millis(900),
-            "{:?}",
-            started.elapsed()
-        );
+        assert!(started.elapsed() >= Duration::from_millis(900), "{:?}", started.elapsed());
     }
 
     #[tokio::test]

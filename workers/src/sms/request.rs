@@ -56,8 +56,7 @@ pub fn request_sms(
     phone: &str,
     template: SmsTemplate,
 ) -> anyhow::Result<()> {
-    let idempotency_key =
-        format!("{}:{}:{}", tx.cause().message_id, template.kind(), recipient_id);
+    let idempotency_key = format!("{}:{}:{}", tx.cause().message_id, template.kind(), recipient_id);
     let request = SmsRequested {
         idempotency_key,
         recipient_id,

@@ -73,59 +73,39 @@ impl SmsTemplate {
     /// The text as the contact will read it.
     pub fn render(&self) -> String {
         match self {
-            Self::InvitationNotice {
-                truster_short_name: name,
-            } => format!(
+            Self::InvitationNotice { truster_short_name: name } => format!(
                 "Пользователь {name} приглашает вас стать доверенным лицом. \
                  Ответьте в личном кабинете портала в течение {INVITATION_VALID_MINUTES} минут."
             ),
-            Self::RecoveryRequestNotice {
-                truster_short_name: name,
-            } => format!(
+            Self::RecoveryRequestNotice { truster_short_name: name } => format!(
                 "Запрошено восстановление пароля пользователя {name}, вы доверенное лицо. \
                  Прежде чем подтвердить в личном кабинете, позвоните владельцу аккаунта \
                  и убедитесь, что просит он сам, а не мошенники от его имени."
             ),
-            Self::RecoveryCode {
-                code,
-                truster_short_name: name,
-                valid_minutes,
-            } => format!(
+            Self::RecoveryCode { code, truster_short_name: name, valid_minutes } => format!(
                 "Код {code} для подтверждения восстановления пароля пользователя {name}. \
                  Никому не сообщайте код, даже сотрудникам портала. \
                  Код действует {valid_minutes} {}.",
                 minutes_word(*valid_minutes)
             ),
-            Self::InvitationAccepted {
-                truster_short_name: name,
-            } => {
+            Self::InvitationAccepted { truster_short_name: name } => {
                 format!("Вы стали доверенным лицом пользователя {name}.")
             }
-            Self::ContactDisconnected {
-                truster_short_name: name,
-            } => {
+            Self::ContactDisconnected { truster_short_name: name } => {
                 format!("Вы больше не доверенное лицо пользователя {name}.")
             }
-            Self::RecoveryApproved {
-                truster_short_name: name,
-            } => {
+            Self::RecoveryApproved { truster_short_name: name } => {
                 format!("Вы подтвердили восстановление пароля пользователя {name}.")
             }
-            Self::RecoveryDeclined {
-                truster_short_name: name,
-            } => format!(
+            Self::RecoveryDeclined { truster_short_name: name } => format!(
                 "Вы отклонили восстановление пароля пользователя {name}. \
                  Спасибо за бдительность."
             ),
-            Self::RecoveryCancelled {
-                truster_short_name: name,
-            } => format!(
+            Self::RecoveryCancelled { truster_short_name: name } => format!(
                 "Запрос на восстановление пароля пользователя {name} отменён. \
                  Ничего делать не нужно."
             ),
-            Self::RecoveryExpired {
-                truster_short_name: name,
-            } => format!(
+            Self::RecoveryExpired { truster_short_name: name } => format!(
                 "Запрос на восстановление пароля пользователя {name} истёк. \
                  Ничего делать не нужно."
             ),
@@ -197,10 +177,7 @@ mod tests {
 
     #[test]
     fn the_recovery_notice_asks_to_call_the_truster_before_confirming() {
-        let text = SmsTemplate::RecoveryRequestNotice {
-            truster_short_name: ivan(),
-        }
-        .render();
+        let text = SmsTemplate::RecoveryRequestNotice { truster_short_name: ivan() }.render();
         assert!(text.contains("Прежде чем подтвердить"));
         assert!(text.contains("позвоните"));
     }
@@ -209,30 +186,14 @@ mod tests {
     fn no_template_reveals_the_full_last_name() {
         let name = ivan();
         let all = [
-            SmsTemplate::InvitationNotice {
-                truster_short_name: name.clone(),
-            },
-            SmsTemplate::RecoveryRequestNotice {
-                truster_short_name: name.clone(),
-            },
-            SmsTemplate::InvitationAccepted {
-                truster_short_name: name.clone(),
-            },
-            SmsTemplate::ContactDisconnected {
-                truster_short_name: name.clone(),
-            },
-            SmsTemplate::RecoveryApproved {
-                truster_short_name: name.clone(),
-            },
-            SmsTemplate::RecoveryDeclined {
-                truster_short_name: name.clone(),
-            },
-            SmsTemplate::RecoveryCancelled {
-                truster_short_name: name.clone(),
-            },
-            SmsTemplate::RecoveryExpired {
-                truster_short_name: name.clone(),
-            },
+            SmsTemplate::InvitationNotice { truster_short_name: name.clone() },
+            SmsTemplate::RecoveryRequestNotice { truster_short_name: name.clone() },
+            SmsTemplate::InvitationAccepted { truster_short_name: name.clone() },
+            SmsTemplate::ContactDisconnected { truster_short_name: name.clone() },
+            SmsTemplate::RecoveryApproved { truster_short_name: name.clone() },
+            SmsTemplate::RecoveryDeclined { truster_short_name: name.clone() },
+            SmsTemplate::RecoveryCancelled { truster_short_name: name.clone() },
+            SmsTemplate::RecoveryExpired { truster_short_name: name.clone() },
         ];
         for template in all {
             let text = template.render();
@@ -244,18 +205,7 @@ mod tests {
     #[test]
     fn minutes_agree_with_their_number() {
         let words: Vec<_> = [1, 2, 5, 11, 21, 22, 60].map(minutes_word).into();
-        assert_eq!(
-            words,
-            [
-                "минуту",
-                "минуты",
-                "минут",
-                "минут",
-                "минуту",
-                "минуты",
-                "минут"
-            ]
-        );
+        assert_eq!(words, ["минуту", "минуты", "минут", "минут", "минуту", "минуты", "минут"]);
     }
 
     #[test]
