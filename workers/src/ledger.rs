@@ -147,6 +147,17 @@ impl LedgerTx {
         self.push(exchange, kind.to_owned(), kind, payload, Duration::ZERO)
     }
 
+    /// Sends a message straight to `worker`'s queue (a reply to a request
+    /// that worker made).
+    pub fn send_to_worker<P: Serialize>(
+        &mut self,
+        worker: &str,
+        kind: &str,
+        payload: &P,
+    ) -> anyhow::Result<Uuid> {
+        self.schedule(worker, Duration::ZERO, kind, payload)
+    }
+
     /// Delivers a message to `worker`'s queue after `delay`, through a
     /// broker-side delay queue (deadlines, reminders).
     pub fn schedule<P: Serialize>(

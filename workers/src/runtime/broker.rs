@@ -30,6 +30,9 @@ pub enum Source {
     Commands,
     /// Other workers' requests and the service's own deadlines.
     Internal,
+    /// Sent straight to this worker's queue by another worker (replies such
+    /// as `sms.failed`, deadlines): accepted, but bound to no exchange.
+    Direct,
 }
 
 /// A worker's place in the topology: its name (which names its queues) and
@@ -124,6 +127,7 @@ pub async fn declare_topology(
             let exchange = match source {
                 Source::Commands => topology.commands_exchange(),
                 Source::Internal => topology.internal_exchange(),
+                Source::Direct => continue,
             };
             channel
                 .queue_bind(
