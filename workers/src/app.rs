@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     ledger,
-    runtime::{Runtime, WorkerSpec},
+    runtime::{Runtime, WorkerSpec, health},
     settings::Settings,
 };
 
@@ -62,6 +62,15 @@ pub async fn serve(
     let pool = ledger::connect(&settings).await?;
     ledger::migrate(&pool).await?;
     let runtime = Runtime::new(settings, pool.clone(), shutdown.clone())?;
+    let http_shutdown = CancellationToken::new();
+    let address = health::serve(
+        runtime.settings.http_port,
+        runtime.health.clone(),
+        pool.clone(),
+        http_shutdown.clone(),
+    )
+    .await?;
+    tracing::info!(http.port = address.port(), "serving /healthz, /readyz and /metrics");
     let relay_shutdown = CancellationToken::new();
     let relay = runtime.spawn_relay(relay_shutdown.clone());
     let handles = start(&runtime);
@@ -83,6 +92,7 @@ pub async fn serve(
     }
     relay_shutdown.cancel();
     let _ = relay.await;
+    http_shutdown.cancel();
     runtime.publisher.close().await;
     pool.close().await;
     outcome

@@ -24,10 +24,13 @@ use super::{
     broker::{self, Publication, Publisher, WorkerSpec},
     failure::HandlerError,
     headers,
+    health::Health,
+    metrics::{METRICS, WorkerLabels, failure_labels, message_labels},
 };
 use crate::{settings::Settings, telemetry::redact_for_log};
 
 pub(super) struct Consumer<W> {
+    pub health: Arc<Health>,
     pub worker: Arc<W>,
     pub context: Context,
     pub settings: Settings,
@@ -53,6 +56,7 @@ impl<W: Worker> Consumer<W> {
                 () = shutdown.cancelled() => break,
             };
             let result = self.session(&connection, &shutdown).await;
+            self.health.set_attached(name, false);
             match result {
                 Ok(SessionEnd::Shutdown) => {
                     self.drain_in_flight().await;
@@ -60,6 +64,7 @@ impl<W: Worker> Consumer<W> {
                     break;
                 }
                 Err(error) => {
+                    METRICS.reconnects.get_or_create(&WorkerLabels { worker: name.into() }).inc();
                     tracing::warn!(
                         worker = name,
                         error = format!("{error:#}"),
@@ -94,6 +99,7 @@ impl<W: Worker> Consumer<W> {
             .await
             .with_context(|| format!("cannot consume from {queue}"))?;
         tracing::info!(worker = spec.name, queue = %queue, "consuming");
+        self.health.set_attached(spec.name, true);
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => {
@@ -188,15 +194,22 @@ impl<W: Worker> Step<W> {
             let error = anyhow!("{} does not handle message type {:?}", spec.name, envelope.kind);
             return self.dead_letter(delivery, FailureKind::Malformed, &error).await;
         }
-        match self.worker.handle(&self.context, &envelope).await {
+        let started = std::time::Instant::now();
+        let labels = message_labels(spec.name, &envelope.kind);
+        let outcome = self.worker.handle(&self.context, &envelope).await;
+        METRICS.handler_seconds.get_or_create(&labels).observe(started.elapsed().as_secs_f64());
+        match outcome {
             Ok(()) => {
                 tracing::debug!("handled");
+                METRICS.handled.get_or_create(&labels).inc();
                 self.ack(&delivery).await;
             }
             Err(HandlerError::Permanent(error)) => {
                 self.dead_letter(delivery, FailureKind::Permanent, &error).await;
             }
             Err(HandlerError::Transient { source, retry_after }) => {
+                let failure = failure_labels(spec.name, &envelope.kind, "transient");
+                METRICS.failed.get_or_create(&failure).inc();
                 self.retry(delivery, &source, retry_after).await;
             }
         }
@@ -244,6 +257,9 @@ impl<W: Worker> Step<W> {
         );
         let mut table = failure_headers(&delivery, table, failed, error);
         headers::set_str(&mut table, headers::WORKER, self.worker.spec().name);
+        let message_type = delivery.properties.kind().as_ref().map(|k| k.to_string());
+        let labels = message_labels(self.worker.spec().name, message_type.as_deref().unwrap_or(""));
+        METRICS.retried.get_or_create(&labels).inc();
         let publication = Publication {
             exchange: String::new(),
             routing_key: self.context.topology.worker_queue(self.worker.spec().name),
@@ -264,6 +280,13 @@ impl<W: Worker> Step<W> {
         let mut table = failure_headers(&delivery, table, attempts, error);
         headers::set_str(&mut table, headers::WORKER, spec.name);
         headers::set_str(&mut table, headers::FAILURE_KIND, kind.as_str());
+        let message_type = delivery.properties.kind().as_ref().map(|k| k.to_string());
+        let labels =
+            failure_labels(spec.name, message_type.as_deref().unwrap_or(""), kind.as_str());
+        METRICS.dead_lettered.get_or_create(&labels).inc();
+        if !matches!(kind, FailureKind::RetriesExhausted) {
+            METRICS.failed.get_or_create(&labels).inc();
+        }
         tracing::error!(
             error = redact_for_log(&format!("{error:#}")),
             failure = kind.as_str(),

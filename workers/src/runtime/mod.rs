@@ -7,7 +7,9 @@ pub mod broker;
 mod consumer;
 pub mod failure;
 pub mod headers;
+pub mod health;
 pub mod message;
+pub mod metrics;
 pub mod outbox;
 
 use std::{future::Future, sync::Arc};
@@ -72,6 +74,7 @@ pub struct Runtime {
     pub settings: Settings,
     pub pool: PgPool,
     pub publisher: Arc<Publisher>,
+    pub health: Arc<health::Health>,
     outbox: OutboxSignal,
     shutdown: CancellationToken,
     tasks: TaskTracker,
@@ -88,6 +91,7 @@ impl Runtime {
             settings,
             pool,
             publisher,
+            health: Arc::default(),
             outbox: OutboxSignal::default(),
             shutdown,
             tasks: TaskTracker::new(),
@@ -127,7 +131,9 @@ impl Runtime {
             attempt: 0,
             outbox: self.outbox.clone(),
         };
+        self.health.expect(worker.spec().name);
         let consumer = consumer::Consumer {
+            health: self.health.clone(),
             worker: Arc::new(worker),
             context,
             settings: self.settings.clone(),

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use super::{
     broker::{Publication, Publisher},
     message::properties_for,
+    metrics::METRICS,
 };
 
 /// Wakes the relay as soon as a handler committed outgoing messages, so that
@@ -139,6 +140,7 @@ impl OutboxRelay {
             });
         }
         self.publisher.publish_all(&publications).await?;
+        METRICS.outbox_published.inc_by(publications.len() as u64);
         sqlx::query("UPDATE outbox SET sent_at = now() WHERE id = ANY($1)")
             .bind(&ids)
             .execute(&mut *tx)
