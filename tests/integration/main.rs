@@ -4,4 +4,5 @@
 
 mod support;
 
+mod dead_letters;
 mod message_runtime;

@@ -12,9 +12,9 @@ use crate::support::{TestEnv, eventually};
 
 /// A worker that does nothing but what the runtime tests need: it records
 /// what it handled in tables of its own and fails on request.
-struct Probe;
+pub(crate) struct Probe;
 
-const PROBE: WorkerSpec = WorkerSpec {
+pub(crate) const PROBE: WorkerSpec = WorkerSpec {
     name: "probe",
     bindings: &[
         (Source::Commands, "probe.touch"),
@@ -45,6 +45,14 @@ impl Worker for Probe {
         match message.kind.as_str() {
             "probe.touch" => {
                 let Key { key } = message.payload_as()?;
+                let gated: bool =
+                    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM probe_gate WHERE key = $1)")
+                        .bind(&key)
+                        .fetch_one(&context.pool)
+                        .await?;
+                if gated {
+                    return Err(HandlerError::permanent(anyhow::anyhow!("probe gate is closed")));
+                }
                 let Some(mut tx) = context.begin(message).await? else { return Ok(()) };
                 sqlx::query("INSERT INTO probe_touches (key, message_id) VALUES ($1, $2)")
                     .bind(&key)
@@ -87,10 +95,11 @@ impl Worker for Probe {
     }
 }
 
-async fn probe_env() -> TestEnv {
+pub(crate) async fn probe_env() -> TestEnv {
     let env = TestEnv::new().await;
     for statement in [
         "CREATE TABLE probe_touches (key text NOT NULL, message_id uuid NOT NULL)",
+        "CREATE TABLE probe_gate (key text NOT NULL)",
         "CREATE TABLE probe_echoes (key text NOT NULL, message_id uuid NOT NULL)",
         "CREATE TABLE probe_attempts (key text NOT NULL, attempt int NOT NULL, \
          at timestamptz NOT NULL DEFAULT clock_timestamp())",
@@ -101,11 +110,11 @@ async fn probe_env() -> TestEnv {
     env
 }
 
-fn start_probe(env: &TestEnv) -> crate::support::InProcess {
+pub(crate) fn start_probe(env: &TestEnv) -> crate::support::InProcess {
     env.serve(|runtime| vec![runtime.spawn_worker(Probe, vec![PROBE])])
 }
 
-async fn count(env: &TestEnv, sql: &'static str) -> i64 {
+pub(crate) async fn count(env: &TestEnv, sql: &'static str) -> i64 {
     sqlx::query_scalar(sql).fetch_one(&env.pool).await.unwrap()
 }
 

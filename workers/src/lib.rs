@@ -3,6 +3,7 @@
 //! operators' tools.
 
 pub mod app;
+pub mod dlq;
 pub mod ledger;
 pub mod runtime;
 pub mod settings;

@@ -4,7 +4,14 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
-use trusted_contact::{app, app::WorkerName, ledger, settings::Settings, telemetry};
+use trusted_contact::{
+    app,
+    app::WorkerName,
+    dlq::{DeadLetters, Selection},
+    ledger,
+    settings::Settings,
+    telemetry,
+};
 
 #[derive(Parser)]
 #[command(name = "trusted-contact", version, about = "Trusted Contact back end")]
@@ -22,6 +29,52 @@ enum Command {
         /// Worker names, or `all` for every worker in this process.
         #[arg(long = "worker", required = true, num_args = 1..)]
         workers: Vec<String>,
+    },
+    /// Inspect, export, replay and purge the dead-letter queues.
+    Dlq {
+        /// Whose dead-letter queues (repeatable); every worker's by default.
+        #[arg(long = "worker", global = true)]
+        workers: Vec<String>,
+        #[command(subcommand)]
+        action: DlqAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum DlqAction {
+    /// Per queue, the count and a line per message.
+    List {
+        /// One JSON object per message instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One message's headers and body, phones masked.
+    Show { message_id: String },
+    /// Every message as JSON lines (masked like `show`) to a file or stdout.
+    Export {
+        #[arg(long)]
+        output: Option<std::path::PathBuf>,
+    },
+    /// Send messages back to where they were first published.
+    Replay {
+        /// Only these message ids (repeatable).
+        #[arg(long = "id")]
+        ids: Vec<String>,
+        /// Only messages of this type.
+        #[arg(long = "type")]
+        message_type: Option<String>,
+        /// Only messages whose error text contains this.
+        #[arg(long)]
+        error_contains: Option<String>,
+        /// Messages per second.
+        #[arg(long, default_value_t = 10.0)]
+        rate: f64,
+    },
+    /// Delete every message of the selected queues.
+    Purge {
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
     },
 }
 
@@ -58,6 +111,91 @@ async fn execute(command: Command) -> anyhow::Result<()> {
             let shutdown = CancellationToken::new();
             tokio::spawn(stop_on_signal(shutdown.clone()));
             app::run(settings, &workers, shutdown).await
+        }
+        Command::Dlq { workers, action } => dead_letters(settings, workers, action).await,
+    }
+}
+
+async fn dead_letters(
+    settings: Settings,
+    workers: Vec<String>,
+    action: DlqAction,
+) -> anyhow::Result<()> {
+    let workers = if workers.is_empty() {
+        WorkerName::ALL.iter().map(|worker| worker.spec().name.to_owned()).collect()
+    } else {
+        workers
+    };
+    let tool = DeadLetters::connect(&settings, workers).await?;
+    let result = dead_letter_action(&tool, action).await;
+    tool.close().await;
+    result
+}
+
+async fn dead_letter_action(tool: &DeadLetters, action: DlqAction) -> anyhow::Result<()> {
+    match action {
+        DlqAction::List { json } => {
+            let letters = tool.list().await?;
+            if json {
+                for letter in &letters {
+                    println!("{}", serde_json::to_string(letter)?);
+                }
+                return Ok(());
+            }
+            for (queue, count) in tool.counts().await? {
+                println!("{queue}: {count} message(s)");
+                for letter in letters.iter().filter(|letter| letter.queue == queue) {
+                    println!(
+                        "  {}  {}  worker={}  attempts={}  first={}  last={}\n    error: {}",
+                        letter.message_id.as_deref().unwrap_or("-"),
+                        letter.message_type.as_deref().unwrap_or("-"),
+                        letter.worker.as_deref().unwrap_or("-"),
+                        letter.attempts.unwrap_or(0),
+                        letter.first_failure_at.as_deref().unwrap_or("-"),
+                        letter.last_failure_at.as_deref().unwrap_or("-"),
+                        letter.error.as_deref().unwrap_or("-"),
+                    );
+                }
+            }
+            Ok(())
+        }
+        DlqAction::Show { message_id } => match tool.show(&message_id).await? {
+            Some(view) => {
+                println!("{}", serde_json::to_string_pretty(&view)?);
+                Ok(())
+            }
+            None => anyhow::bail!("no dead letter with message id {message_id}"),
+        },
+        DlqAction::Export { output } => {
+            let count = match output {
+                Some(path) => {
+                    let mut file = std::io::BufWriter::new(std::fs::File::create(&path)?);
+                    tool.export(&mut file).await?
+                }
+                None => tool.export(&mut std::io::stdout().lock()).await?,
+            };
+            eprintln!("exported {count} dead letter(s)");
+            Ok(())
+        }
+        DlqAction::Replay { ids, message_type, error_contains, rate } => {
+            let selection = Selection { ids, message_type, worker: None, error_contains };
+            let report = tool.replay(&selection, rate, true).await?;
+            println!("replayed {}, left in place {}", report.replayed, report.skipped);
+            Ok(())
+        }
+        DlqAction::Purge { yes } => {
+            let counts = tool.counts().await?;
+            let total: u32 = counts.values().sum();
+            if !yes {
+                eprint!("Delete {total} dead letter(s) from {} queue(s)? Type yes: ", counts.len());
+                let mut answer = String::new();
+                std::io::stdin().read_line(&mut answer)?;
+                if answer.trim() != "yes" {
+                    anyhow::bail!("purge cancelled");
+                }
+            }
+            println!("purged {}", tool.purge().await?);
+            Ok(())
         }
     }
 }

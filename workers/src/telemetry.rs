@@ -13,7 +13,13 @@ pub fn init() {
         .unwrap_or_else(|| EnvFilter::new("info,lapin=warn,sqlx=warn"));
     let _ = tracing_subscriber::registry()
         .with(filter)
-        .with(fmt::layer().json().with_current_span(true).with_span_list(false))
+        .with(
+            fmt::layer()
+                .json()
+                .with_writer(std::io::stderr)
+                .with_current_span(true)
+                .with_span_list(false),
+        )
         .try_init();
 }
 
