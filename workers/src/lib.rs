@@ -3,8 +3,10 @@
 //! operators' tools.
 
 pub mod app;
+pub mod demo;
 pub mod dlq;
 pub mod ledger;
+pub mod portal;
 pub mod runtime;
 pub mod settings;
 pub mod sms;

@@ -7,6 +7,7 @@ use tokio_util::sync::CancellationToken;
 use trusted_contact::{
     app,
     app::WorkerName,
+    demo::{self, DemoOptions},
     dlq::{DeadLetters, Selection},
     ledger,
     settings::Settings,
@@ -29,6 +30,15 @@ enum Command {
         /// Worker names, or `all` for every worker in this process.
         #[arg(long = "worker", required = true, num_args = 1..)]
         workers: Vec<String>,
+    },
+    /// Walk through the service against the running system, step by step.
+    Demo {
+        /// Where the stand-in SMS gateway answers (to read the code).
+        #[arg(long, env = "TC_SMS_GATEWAY_URL", default_value = "http://127.0.0.1:8090")]
+        gateway_url: String,
+        /// How long each step may wait for its event.
+        #[arg(long, default_value_t = 10)]
+        step_timeout_secs: u64,
     },
     /// Inspect, export, replay and purge the dead-letter queues.
     Dlq {
@@ -111,6 +121,13 @@ async fn execute(command: Command) -> anyhow::Result<()> {
             let shutdown = CancellationToken::new();
             tokio::spawn(stop_on_signal(shutdown.clone()));
             app::run(settings, &workers, shutdown).await
+        }
+        Command::Demo { gateway_url, step_timeout_secs } => {
+            let options = DemoOptions {
+                gateway_url,
+                step_timeout: std::time::Duration::from_secs(step_timeout_secs),
+            };
+            demo::run(&settings, &options).await
         }
         Command::Dlq { workers, action } => dead_letters(settings, workers, action).await,
     }
