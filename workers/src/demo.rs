@@ -227,7 +227,7 @@ async fn read_sms(
     }
 }
 
-fn six_digits(text: &str) -> Option<String> {
+pub(crate) fn six_digits(text: &str) -> Option<String> {
     let chars: Vec<char> = text.chars().collect();
     chars.windows(6).enumerate().find_map(|(start, window)| {
         let before = start.checked_sub(1).and_then(|i| chars.get(i));

@@ -6,6 +6,7 @@ pub mod app;
 pub mod demo;
 pub mod dlq;
 pub mod ledger;
+pub mod loadgen;
 pub mod portal;
 pub mod runtime;
 pub mod settings;

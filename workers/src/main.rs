@@ -10,6 +10,7 @@ use trusted_contact::{
     demo::{self, DemoOptions},
     dlq::{DeadLetters, Selection},
     ledger,
+    loadgen::{self, LoadOptions},
     settings::Settings,
     telemetry,
 };
@@ -40,6 +41,9 @@ enum Command {
         #[arg(long, default_value_t = 10)]
         step_timeout_secs: u64,
     },
+    /// Seed citizens, publish a realistic mix of portal commands at a rate,
+    /// match each to its outcome and report throughput and latency.
+    Loadgen(LoadOptions),
     /// Inspect, export, replay and purge the dead-letter queues.
     Dlq {
         /// Whose dead-letter queues (repeatable); every worker's by default.
@@ -129,6 +133,7 @@ async fn execute(command: Command) -> anyhow::Result<()> {
             };
             demo::run(&settings, &options).await
         }
+        Command::Loadgen(options) => loadgen::run_and_judge(&settings, options).await,
         Command::Dlq { workers, action } => dead_letters(settings, workers, action).await,
     }
 }

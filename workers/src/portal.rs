@@ -40,7 +40,10 @@ type Waiters = Arc<Mutex<HashMap<String, mpsc::UnboundedSender<Received>>>>;
 
 pub struct PortalClient {
     connection: Connection,
-    channel: Channel,
+    /// Publishing channels, used in turn: one channel's confirms arrive in
+    /// order, several let publishers overlap.
+    channels: Vec<Channel>,
+    next_channel: std::sync::atomic::AtomicUsize,
     commands_exchange: String,
     waiters: Waiters,
     /// Events whose cause nobody waits for (cabinet notifications of other
@@ -53,10 +56,24 @@ impl PortalClient {
     /// Connects, makes sure the service's topology exists (so no command is
     /// dropped for want of a queue) and starts listening to every event.
     pub async fn connect(settings: &Settings, name: &str) -> anyhow::Result<Self> {
+        Self::with_publishers(settings, name, 1).await
+    }
+
+    /// Like [`PortalClient::connect`], with `publishers` channels to publish
+    /// on concurrently.
+    pub async fn with_publishers(
+        settings: &Settings,
+        name: &str,
+        publishers: usize,
+    ) -> anyhow::Result<Self> {
         let connection = broker::connect(settings, name).await?;
-        let channel = connection.create_channel().await?;
-        broker::declare_topology(&channel, settings, &service_topology()).await?;
-        channel.confirm_select(ConfirmSelectOptions::default()).await?;
+        let mut channels = Vec::new();
+        for _ in 0..publishers.max(1) {
+            let channel = connection.create_channel().await?;
+            channel.confirm_select(ConfirmSelectOptions::default()).await?;
+            channels.push(channel);
+        }
+        broker::declare_topology(&channels[0], settings, &service_topology()).await?;
         let listener = connection.create_channel().await?;
         let queue = listener
             .queue_declare(
@@ -108,7 +125,8 @@ impl PortalClient {
         });
         Ok(PortalClient {
             connection,
-            channel,
+            channels,
+            next_channel: std::sync::atomic::AtomicUsize::new(0),
             commands_exchange: settings.topology.commands_exchange(),
             waiters,
             unclaimed,
@@ -150,8 +168,8 @@ impl PortalClient {
             envelope.causation_id.as_deref(),
             envelope.occurred_at,
         );
-        let confirm = self
-            .channel
+        let turn = self.next_channel.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let confirm = self.channels[turn % self.channels.len()]
             .basic_publish(
                 self.commands_exchange.as_str().into(),
                 envelope.kind.as_str().into(),
@@ -174,7 +192,9 @@ impl PortalClient {
 
     pub async fn close(self) {
         self.reader.abort();
-        let _ = self.channel.close(200, "done".into()).await;
+        for channel in &self.channels {
+            let _ = channel.close(200, "done".into()).await;
+        }
         let _ = self.connection.close(200, "done".into()).await;
     }
 }
