@@ -3,6 +3,7 @@
 //! operators' tools.
 
 pub mod app;
+pub mod bench;
 pub mod demo;
 pub mod dlq;
 pub mod ledger;

@@ -7,6 +7,7 @@ use tokio_util::sync::CancellationToken;
 use trusted_contact::{
     app,
     app::WorkerName,
+    bench::{self, BenchOptions},
     demo::{self, DemoOptions},
     dlq::{DeadLetters, Selection},
     ledger,
@@ -44,6 +45,9 @@ enum Command {
     /// Seed citizens, publish a realistic mix of portal commands at a rate,
     /// match each to its outcome and report throughput and latency.
     Loadgen(LoadOptions),
+    /// Measure the machine's limits, then the system's throughput against
+    /// them.
+    Bench(BenchOptions),
     /// Inspect, export, replay and purge the dead-letter queues.
     Dlq {
         /// Whose dead-letter queues (repeatable); every worker's by default.
@@ -134,6 +138,7 @@ async fn execute(command: Command) -> anyhow::Result<()> {
             demo::run(&settings, &options).await
         }
         Command::Loadgen(options) => loadgen::run_and_judge(&settings, options).await,
+        Command::Bench(options) => bench::run(&settings, options).await,
         Command::Dlq { workers, action } => dead_letters(settings, workers, action).await,
     }
 }
