@@ -4,7 +4,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
-use trusted_contact::{app, app::WorkerName, ledger, settings::Settings, telemetry};
+use trusted_contact::{
+    app, app::WorkerName, ledger, settings::Settings, sms::gateway::GatewayConfig, telemetry,
+};
 
 #[derive(Parser)]
 #[command(name = "trusted-contact", version, about = "Trusted Contact back end")]
@@ -23,6 +25,9 @@ enum Command {
         #[arg(long = "worker", required = true, num_args = 1..)]
         workers: Vec<String>,
     },
+    /// Run the stand-in SMS gateway (for the demo, Compose and tests) until
+    /// SIGTERM or SIGINT.
+    SmsGateway(GatewayConfig),
 }
 
 fn main() -> ExitCode {
@@ -45,19 +50,27 @@ fn main() -> ExitCode {
 }
 
 async fn execute(command: Command) -> anyhow::Result<()> {
-    let settings = Settings::from_env()?;
     match command {
         Command::Migrate => {
+            let settings = Settings::from_env()?;
             let pool = ledger::connect(&settings).await?;
             ledger::migrate(&pool).await?;
             tracing::info!("ledger migrated");
             Ok(())
         }
         Command::Run { workers } => {
+            let settings = Settings::from_env()?;
             let workers = parse_workers(&workers)?;
             let shutdown = CancellationToken::new();
             tokio::spawn(stop_on_signal(shutdown.clone()));
             app::run(settings, &workers, shutdown).await
+        }
+        // The stand-in needs neither the broker nor the ledger, so it does
+        // not read their settings.
+        Command::SmsGateway(config) => {
+            let shutdown = CancellationToken::new();
+            tokio::spawn(stop_on_signal(shutdown.clone()));
+            trusted_contact::sms::gateway::run(config, shutdown.cancelled_owned()).await
         }
     }
 }
