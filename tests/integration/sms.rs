@@ -15,6 +15,7 @@ use serde_json::json;
 use tokio::{process::Child, task::JoinHandle};
 use trusted_contact::{
     runtime::{Source, WorkerSpec},
+    settings::Secret,
     sms::{
         SMS_FAILED, SMS_REQUESTED, SmsFailed, SmsRequested, SmsSettings, SmsTemplate, SmsWorker,
         gateway::{self, Behaviour, DeliveredMessage, GatewayConfig, RequestRecord},
@@ -25,6 +26,8 @@ use trusted_contact_contracts::{Envelope, reasons};
 use uuid::Uuid;
 
 use crate::support::{InProcess, TestEnv, eventually};
+
+const SECOND: Duration = Duration::from_secs(1);
 
 /// Stands for the worker that asked for the SMS; only its queue exists, so
 /// the test can read what the SMS worker sends back to it.
@@ -40,7 +43,10 @@ struct Gateway {
 
 impl Gateway {
     async fn start(behaviour: Behaviour) -> Gateway {
-        let config = GatewayConfig { behaviour, ..GatewayConfig::default() };
+        Gateway::start_with(GatewayConfig { behaviour, ..GatewayConfig::default() }).await
+    }
+
+    async fn start_with(config: GatewayConfig) -> Gateway {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         // Never shut down gracefully: that would wait for stalled replies.
@@ -142,30 +148,27 @@ async fn publish_many(env: &TestEnv, count: usize) -> Vec<SmsRequested> {
 }
 
 /// One `sms_messages` row, as the tests look at it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 struct SmsRow {
+    idempotency_key: String,
     status: String,
     provider_id: Option<String>,
     attempts: i32,
     failure_reason: Option<String>,
+    last_error: Option<String>,
     phone: String,
     template: String,
 }
 
 async fn ledger(env: &TestEnv) -> HashMap<String, SmsRow> {
-    let rows: Vec<(String, String, Option<String>, i32, Option<String>, String, String)> =
-        sqlx::query_as(
-            "SELECT idempotency_key, status, provider_id, attempts, failure_reason, phone, \
-             template FROM sms_messages",
-        )
-        .fetch_all(&env.pool)
-        .await
-        .unwrap();
-    rows.into_iter()
-        .map(|(key, status, provider_id, attempts, failure_reason, phone, template)| {
-            (key, SmsRow { status, provider_id, attempts, failure_reason, phone, template })
-        })
-        .collect()
+    let rows: Vec<SmsRow> = sqlx::query_as(
+        "SELECT idempotency_key, status, provider_id, attempts, failure_reason, last_error, \
+         phone, template FROM sms_messages",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    rows.into_iter().map(|row| (row.idempotency_key.clone(), row)).collect()
 }
 
 async fn count(env: &TestEnv, sql: &'static str) -> i64 {
@@ -432,6 +435,31 @@ async fn an_invalid_or_blocked_number_fails_once_without_retries_and_the_request
     let audited = count(&env, "SELECT count(*) FROM audit_log WHERE action = 'sms.failed'").await;
     assert_eq!(audited, 2);
     assert!(env.dead_letters(SPEC.name).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_token_dead_letters_the_request_without_failing_the_sms() {
+    let env = sms_env().await;
+    let token = Some(Secret::new("the-right-token"));
+    let gateway = Gateway::start_with(GatewayConfig { token, ..GatewayConfig::default() }).await;
+    let settings = SmsSettings {
+        gateway_token: Some(Secret::new("a-stale-token")),
+        ..gateway.settings(SECOND)
+    };
+    let service = start_worker(&env, settings);
+
+    let request = request_to("+79001234567");
+    env.publish_internal(&envelope(&request)).await;
+    let dead = env.wait_dead_letters(SPEC.name, 1, Duration::from_secs(10)).await;
+    service.stop().await;
+
+    assert_eq!(dead.len(), 1, "kept for a replay once the token is fixed");
+    let row = &ledger(&env).await[&request.idempotency_key];
+    assert_eq!(row.status, "queued");
+    assert_eq!(row.failure_reason, None);
+    assert_eq!(row.last_error.as_deref(), Some("unauthorized"));
+    assert!(gateway.messages().await.is_empty());
+    assert!(env.take_from_worker_queue(REQUESTER.name).await.is_empty(), "nothing failed");
 }
 
 #[tokio::test(flavor = "multi_thread")]

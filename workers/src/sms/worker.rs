@@ -6,6 +6,7 @@
 use std::num::NonZeroU32;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use serde_json::json;
 use sqlx::{PgConnection, PgPool};
 use trusted_contact_contracts::{Envelope, normalize_phone, reasons};
@@ -25,6 +26,11 @@ pub const SPEC: WorkerSpec =
 
 /// The stable code the ledger keeps when a number is refused before any send.
 const INVALID_NUMBER: &str = "invalid_number";
+
+/// Refusals that say our credentials are wrong, not that the SMS is: failing
+/// the SMS would tell the requesting flow something false, so the request is
+/// dead-lettered for replay once the token is fixed.
+const CREDENTIAL_REFUSALS: &[&str] = &["unauthorized", "http_401"];
 
 /// How the worker reaches the provider, read from `TC_SMS_*` at start-up.
 #[derive(Debug, Clone)]
@@ -72,6 +78,7 @@ pub type ProductionProvider = RateLimitedProvider<HttpSmsProvider>;
 
 impl SmsWorker<ProductionProvider> {
     pub fn from_settings(settings: &SmsSettings) -> anyhow::Result<Self> {
+        reqwest::Url::parse(&settings.gateway_url).context("TC_SMS_GATEWAY_URL is not a URL")?;
         let http = HttpSmsProvider::new(
             &settings.gateway_url,
             settings.gateway_token.clone(),
@@ -122,6 +129,17 @@ impl<P: SmsProvider + 'static> SmsWorker<P> {
         };
         match self.provider.send(&sms).await {
             Ok(accepted) => record_sent(context, message, request, &accepted.provider_id).await,
+            Err(ProviderError::Permanent { reason })
+                if CREDENTIAL_REFUSALS.contains(&reason.as_str()) =>
+            {
+                if let Err(db) = record_not_sent(&context.pool, request, &reason).await {
+                    tracing::warn!(error = %db, "cannot record the refused sms attempt");
+                }
+                Err(HandlerError::permanent(anyhow::anyhow!(
+                    "the SMS provider refused our credentials ({reason}); \
+                     check TC_SMS_GATEWAY_TOKEN and replay"
+                )))
+            }
             Err(ProviderError::Permanent { reason }) => {
                 record_failed(context, message, request, &phone, &reason).await
             }
@@ -136,7 +154,7 @@ impl<P: SmsProvider + 'static> SmsWorker<P> {
                 // The row only informs operators; the retry does not depend
                 // on it, so a ledger hiccup here must not hide the provider's
                 // Retry-After behind a database error.
-                if let Err(db) = record_retry(&context.pool, request, error.reason()).await {
+                if let Err(db) = record_not_sent(&context.pool, request, error.reason()).await {
                     tracing::warn!(error = %db, "cannot record the failed sms attempt");
                 }
                 let retry_after = error.retry_after();
@@ -188,8 +206,9 @@ async fn start_attempt(
     .await
 }
 
-/// Back to `queued` until the broker redelivers the request.
-async fn record_retry(
+/// Back to `queued`, with the reason, until the broker's retry or an
+/// operator's replay brings the request again.
+async fn record_not_sent(
     pool: &PgPool,
     request: &SmsRequested,
     reason: &str,
