@@ -97,7 +97,7 @@ async fn sms_env() -> TestEnv {
 }
 
 fn start_worker(env: &TestEnv, settings: SmsSettings) -> InProcess {
-    let worker = SmsWorker::from_settings(&settings).unwrap();
+    let worker = SmsWorker::from_settings(&settings, env.settings.retry_limit).unwrap();
     env.serve(move |runtime| vec![runtime.spawn_worker(worker, vec![SPEC, REQUESTER])])
 }
 
@@ -435,6 +435,31 @@ async fn an_invalid_or_blocked_number_fails_once_without_retries_and_the_request
     let audited = count(&env, "SELECT count(*) FROM audit_log WHERE action = 'sms.failed'").await;
     assert_eq!(audited, 2);
     assert!(env.dead_letters(SPEC.name).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_sms_still_refused_on_the_last_attempt_fails_and_the_requester_is_told() {
+    let mut env = sms_env().await;
+    env.settings.retry_limit = 3;
+    let gateway = Gateway::start(Behaviour { fail_ratio: 1.0, ..Behaviour::default() }).await;
+    let service = start_worker(&env, gateway.settings(SECOND));
+
+    let request = request_to("+79001234567");
+    env.publish_internal(&envelope(&request)).await;
+    let dead = env.wait_dead_letters(SPEC.name, 1, Duration::from_secs(15)).await;
+    service.stop().await;
+
+    assert_eq!(dead.len(), 1, "dead-lettered with its history");
+    let row = &ledger(&env).await[&request.idempotency_key];
+    assert_eq!(row.status, "failed");
+    assert_eq!(row.attempts, 3);
+    assert!(matches!(row.failure_reason.as_deref(), Some("internal_error" | "unavailable")));
+    assert_eq!(gateway.requests().await.len(), 3);
+    let replies = env.take_from_worker_queue(REQUESTER.name).await;
+    assert_eq!(replies.len(), 1);
+    let failed: SmsFailed = replies[0].payload_as().unwrap();
+    assert_eq!(failed.reason, reasons::SMS_ATTEMPTS_EXHAUSTED);
+    assert_eq!(failed.idempotency_key, request.idempotency_key);
 }
 
 #[tokio::test(flavor = "multi_thread")]

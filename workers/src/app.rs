@@ -58,7 +58,8 @@ pub async fn run(
     // variable stops the process at once instead of after it connected.
     let mut sms = None;
     if workers.contains(&WorkerName::Sms) {
-        sms = Some(SmsWorker::from_settings(&SmsSettings::from_env()?)?);
+        let sms_settings = SmsSettings::from_env()?;
+        sms = Some(SmsWorker::from_settings(&sms_settings, settings.retry_limit)?);
     }
     let workers = workers.to_vec();
     serve(settings, shutdown, move |runtime| {

@@ -71,13 +71,17 @@ const fn non_zero(n: u32) -> NonZeroU32 {
 /// all on this value, so a rate limit inside `P` is shared by all of them.
 pub struct SmsWorker<P> {
     provider: P,
+    /// The runtime's `retry_limit`: on the last delivery it allows, a
+    /// transient failure fails the SMS, so the requesting flow hears of it
+    /// instead of waiting for an SMS that will never come.
+    retry_limit: u32,
 }
 
 /// The production provider: the HTTP API behind the shared token bucket.
 pub type ProductionProvider = RateLimitedProvider<HttpSmsProvider>;
 
 impl SmsWorker<ProductionProvider> {
-    pub fn from_settings(settings: &SmsSettings) -> anyhow::Result<Self> {
+    pub fn from_settings(settings: &SmsSettings, retry_limit: u32) -> anyhow::Result<Self> {
         reqwest::Url::parse(&settings.gateway_url).context("TC_SMS_GATEWAY_URL is not a URL")?;
         let http = HttpSmsProvider::new(
             &settings.gateway_url,
@@ -85,13 +89,13 @@ impl SmsWorker<ProductionProvider> {
             settings.timeout,
         )?;
         let limiter = SendRateLimiter::new(settings.rate_per_sec, settings.burst);
-        Ok(SmsWorker::new(RateLimitedProvider::new(http, limiter)))
+        Ok(SmsWorker::new(RateLimitedProvider::new(http, limiter), retry_limit))
     }
 }
 
 impl<P: SmsProvider + 'static> SmsWorker<P> {
-    pub fn new(provider: P) -> Self {
-        SmsWorker { provider }
+    pub fn new(provider: P, retry_limit: u32) -> Self {
+        SmsWorker { provider, retry_limit }
     }
 
     /// One request, in three steps so that no transaction is open while the
@@ -111,8 +115,8 @@ impl<P: SmsProvider + 'static> SmsWorker<P> {
         let phone = match normalize_phone(&request.phone) {
             Ok(phone) => phone,
             Err(_) => {
-                return record_failed(context, message, request, &request.phone, INVALID_NUMBER)
-                    .await;
+                let refusal = Refusal { reason: INVALID_NUMBER, told: reasons::SMS_REJECTED };
+                return record_failed(context, message, request, &request.phone, refusal).await;
             }
         };
         let Some(attempt) = start_attempt(&context.pool, message, request, &phone).await? else {
@@ -141,7 +145,22 @@ impl<P: SmsProvider + 'static> SmsWorker<P> {
                 )))
             }
             Err(ProviderError::Permanent { reason }) => {
-                record_failed(context, message, request, &phone, &reason).await
+                let refusal = Refusal { reason: &reason, told: reasons::SMS_REJECTED };
+                record_failed(context, message, request, &phone, refusal).await
+            }
+            Err(error) if context.attempt.saturating_add(1) >= self.retry_limit => {
+                tracing::warn!(
+                    sms.idempotency_key = %request.idempotency_key,
+                    sms.attempt = attempt,
+                    sms.reason = error.reason(),
+                    "sms not accepted on the last attempt allowed, failing it"
+                );
+                let refusal =
+                    Refusal { reason: error.reason(), told: reasons::SMS_ATTEMPTS_EXHAUSTED };
+                record_failed(context, message, request, &phone, refusal).await?;
+                // Still an error, so that the runtime dead-letters the request
+                // with its history for the operators.
+                Err(HandlerError::transient(error))
             }
             Err(error) => {
                 tracing::warn!(
@@ -262,6 +281,14 @@ async fn record_sent(
     context.commit(tx).await
 }
 
+/// Why an SMS failed: the provider's code for the ledger, and the stable code
+/// from [`reasons`] the requesting worker is told.
+#[derive(Debug, Clone, Copy)]
+struct Refusal<'a> {
+    reason: &'a str,
+    told: &'static str,
+}
+
 /// Marks the SMS failed for good (creating the row when the number was refused
 /// before any send) and tells the requesting worker, once.
 async fn record_failed(
@@ -269,8 +296,9 @@ async fn record_failed(
     message: &Envelope,
     request: &SmsRequested,
     phone: &str,
-    reason: &str,
+    refusal: Refusal<'_>,
 ) -> Result<(), HandlerError> {
+    let Refusal { reason, told } = refusal;
     let Some(mut tx) = context.begin(message).await? else { return Ok(()) };
     let failed: Option<(Uuid, i32)> = sqlx::query_as(
         "INSERT INTO sms_messages \
@@ -304,7 +332,7 @@ async fn record_failed(
             idempotency_key: request.idempotency_key.clone(),
             recipient_id: request.recipient_id,
             template: request.template.kind().to_owned(),
-            reason: reasons::SMS_REJECTED.to_owned(),
+            reason: told.to_owned(),
         };
         tx.send_to_worker(&request.requested_by, SMS_FAILED, &report)?;
         tracing::warn!(
@@ -312,7 +340,7 @@ async fn record_failed(
             sms.phone = %trusted_contact_contracts::mask_phone(phone),
             sms.reason = reason,
             requested_by = %request.requested_by,
-            "sms refused for good, the requesting worker is told"
+            "sms failed for good, the requesting worker is told"
         );
     }
     context.commit(tx).await
