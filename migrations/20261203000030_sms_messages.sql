@@ -13,8 +13,9 @@ CREATE TABLE sms_messages (
     template        text        NOT NULL,
     -- The worker that asked, which hears of a permanent failure.
     requested_by    text        NOT NULL,
-    -- queued: waiting for its next attempt; sending: an attempt is (or was,
-    -- when the worker died) with the provider; sent and failed are final.
+    -- queued: waiting for its next attempt; sending: an attempt has started
+    -- (waiting for the shared rate limit or with the provider, or was when the
+    -- worker died); sent and failed are final.
     status          text        NOT NULL
         CHECK (status IN ('queued', 'sending', 'sent', 'failed')),
     attempts        integer     NOT NULL DEFAULT 0,
