@@ -6,3 +6,4 @@ mod support;
 
 mod dead_letters;
 mod message_runtime;
+mod sms;

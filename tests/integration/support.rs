@@ -150,6 +150,39 @@ impl TestEnv {
         self.publish_raw(&exchange, &envelope.kind, &body, properties).await;
     }
 
+    /// Publishes an envelope on the internal exchange, routing key = type, as
+    /// another worker's outbox would (an SMS request, say).
+    pub async fn publish_internal(&self, envelope: &Envelope) {
+        let body = serde_json::to_vec(envelope).expect("json");
+        let properties = properties_for(
+            envelope.message_id,
+            &envelope.kind,
+            envelope.correlation_id.as_deref(),
+            envelope.causation_id.as_deref(),
+            envelope.occurred_at,
+        );
+        let exchange = self.topology().internal_exchange();
+        self.publish_raw(&exchange, &envelope.kind, &body, properties).await;
+    }
+
+    /// Takes every message waiting in `worker`'s own queue: what other
+    /// workers sent it directly (replies such as `sms.failed`), when no such
+    /// worker runs in the test.
+    pub async fn take_from_worker_queue(&self, worker: &str) -> Vec<Envelope> {
+        let queue = self.topology().worker_queue(worker);
+        let mut out = Vec::new();
+        while let Some(message) = self
+            .channel
+            .basic_get(queue.as_str().into(), BasicGetOptions::default())
+            .await
+            .expect("basic_get")
+        {
+            message.delivery.ack(BasicAckOptions::default()).await.expect("ack");
+            out.push(Envelope::parse(&message.delivery.data).expect("an envelope"));
+        }
+        out
+    }
+
     /// Builds and publishes a new command; returns it for matching outcomes.
     pub async fn command<P: Serialize>(&self, kind: &str, payload: &P) -> Envelope {
         let envelope = Envelope::new_command(kind, payload).expect("envelope");

@@ -11,17 +11,22 @@ use crate::{
     ledger,
     runtime::{Runtime, WorkerSpec, health},
     settings::Settings,
+    sms::{SmsSettings, SmsWorker},
 };
 
 /// Every worker of the service, in the order `all` starts them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WorkerName {}
+pub enum WorkerName {
+    Sms,
+}
 
 impl WorkerName {
-    pub const ALL: &'static [WorkerName] = &[];
+    pub const ALL: &'static [WorkerName] = &[WorkerName::Sms];
 
     pub fn spec(self) -> WorkerSpec {
-        match self {}
+        match self {
+            WorkerName::Sms => crate::sms::worker::SPEC,
+        }
     }
 }
 
@@ -29,7 +34,10 @@ impl FromStr for WorkerName {
     type Err = anyhow::Error;
 
     fn from_str(name: &str) -> Result<Self, Self::Err> {
-        bail!("unknown worker `{name}`")
+        match name {
+            crate::sms::SMS_WORKER => Ok(WorkerName::Sms),
+            _ => bail!("unknown worker `{name}`"),
+        }
     }
 }
 
@@ -46,9 +54,29 @@ pub async fn run(
     workers: &[WorkerName],
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    // Each worker's own settings are read before anything starts, so a bad
+    // variable stops the process at once instead of after it connected.
+    let mut sms = None;
+    if workers.contains(&WorkerName::Sms) {
+        let sms_settings = SmsSettings::from_env()?;
+        sms = Some(SmsWorker::from_settings(&sms_settings, settings.retry_limit)?);
+    }
     let workers = workers.to_vec();
-    serve(settings, shutdown, move |_runtime| workers.iter().map(|name| match *name {}).collect())
-        .await
+    serve(settings, shutdown, move |runtime| {
+        let topology = service_topology();
+        let mut handles = Vec::new();
+        for name in workers {
+            match name {
+                WorkerName::Sms => {
+                    if let Some(worker) = sms.take() {
+                        handles.push(runtime.spawn_worker(worker, topology.clone()));
+                    }
+                }
+            }
+        }
+        handles
+    })
+    .await
 }
 
 /// The life of a worker process: ledger, migrations, relay, the workers that

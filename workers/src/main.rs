@@ -13,6 +13,7 @@ use trusted_contact::{
     ledger,
     loadgen::{self, LoadOptions},
     settings::Settings,
+    sms::gateway::GatewayConfig,
     telemetry,
 };
 
@@ -33,6 +34,9 @@ enum Command {
         #[arg(long = "worker", required = true, num_args = 1..)]
         workers: Vec<String>,
     },
+    /// Run the stand-in SMS gateway (for the demo, Compose and tests) until
+    /// SIGTERM or SIGINT.
+    SmsGateway(GatewayConfig),
     /// Walk through the service against the running system, step by step.
     Demo {
         /// Where the stand-in SMS gateway answers (to read the code).
@@ -116,6 +120,13 @@ fn main() -> ExitCode {
 }
 
 async fn execute(command: Command) -> anyhow::Result<()> {
+    // The stand-in needs neither the broker nor the ledger, so it does not
+    // read their settings.
+    if let Command::SmsGateway(config) = command {
+        let shutdown = CancellationToken::new();
+        tokio::spawn(stop_on_signal(shutdown.clone()));
+        return trusted_contact::sms::gateway::run(config, shutdown.cancelled_owned()).await;
+    }
     let settings = Settings::from_env()?;
     match command {
         Command::Migrate => {
@@ -139,6 +150,7 @@ async fn execute(command: Command) -> anyhow::Result<()> {
         }
         Command::Loadgen(options) => loadgen::run_and_judge(&settings, options).await,
         Command::Bench(options) => bench::run(&settings, options).await,
+        Command::SmsGateway(_) => Ok(()),
         Command::Dlq { workers, action } => dead_letters(settings, workers, action).await,
     }
 }

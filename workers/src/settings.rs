@@ -21,6 +21,13 @@ impl Secret {
     }
 }
 
+/// Lets `clap` read a secret straight from a flag or variable.
+impl From<String> for Secret {
+    fn from(value: String) -> Self {
+        Secret(value)
+    }
+}
+
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("[redacted]")
@@ -133,6 +140,8 @@ mod tests {
     fn secrets_do_not_print() {
         let secret = Secret::new("amqp://user:hunter2@host");
         assert_eq!(format!("{secret:?}"), "[redacted]");
+        assert_eq!(secret.expose(), "amqp://user:hunter2@host");
+        assert!(!format!("{:?}", Secret::from("token".to_owned())).contains("token"));
     }
 
     #[test]

@@ -24,7 +24,9 @@ use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::{Secret, mask_phone};
+use trusted_contact_contracts::phone::mask_phone;
+
+use crate::settings::Secret;
 
 /// Refused as blocked recipients without any configuration.
 pub const BLOCKED_PREFIX: &str = "+7999000";

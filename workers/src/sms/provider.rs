@@ -13,7 +13,9 @@ use reqwest::StatusCode;
 use reqwest::header::{HeaderMap, RETRY_AFTER};
 use serde::{Deserialize, Serialize};
 
-use super::{Secret, mask_phone};
+use trusted_contact_contracts::phone::mask_phone;
+
+use crate::settings::Secret;
 
 /// One SMS to hand to the provider.
 ///

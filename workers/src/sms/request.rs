@@ -32,7 +32,7 @@ impl std::fmt::Debug for SmsRequested {
         f.debug_struct("SmsRequested")
             .field("idempotency_key", &self.idempotency_key)
             .field("recipient_id", &self.recipient_id)
-            .field("phone", &super::mask_phone(&self.phone))
+            .field("phone", &trusted_contact_contracts::phone::mask_phone(&self.phone))
             .field("template", &self.template.kind())
             .finish()
     }
