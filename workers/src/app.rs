@@ -8,20 +8,28 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    invitations::{INVITATIONS, InvitationSettings, Invitations},
     ledger,
     runtime::{Runtime, WorkerSpec},
     settings::Settings,
+    sweeper::{self, SWEEPER, Sweeper, SweeperSettings},
 };
 
 /// Every worker of the service, in the order `all` starts them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WorkerName {}
+pub enum WorkerName {
+    Invitations,
+    Sweeper,
+}
 
 impl WorkerName {
-    pub const ALL: &'static [WorkerName] = &[];
+    pub const ALL: &'static [WorkerName] = &[WorkerName::Invitations, WorkerName::Sweeper];
 
     pub fn spec(self) -> WorkerSpec {
-        match self {}
+        match self {
+            WorkerName::Invitations => INVITATIONS,
+            WorkerName::Sweeper => SWEEPER,
+        }
     }
 }
 
@@ -29,8 +37,28 @@ impl FromStr for WorkerName {
     type Err = anyhow::Error;
 
     fn from_str(name: &str) -> Result<Self, Self::Err> {
-        bail!("unknown worker `{name}`")
+        match name {
+            "invitations" => Ok(WorkerName::Invitations),
+            "sweeper" => Ok(WorkerName::Sweeper),
+            _ => bail!("unknown worker `{name}`"),
+        }
     }
+}
+
+/// The sweeper is a consumer of its deadline queue plus the periodic sweep
+/// of the ledger; both stop with the runtime.
+pub fn spawn_sweeper(
+    runtime: &Runtime,
+    settings: SweeperSettings,
+) -> Vec<JoinHandle<anyhow::Result<()>>> {
+    let sweeps = tokio::spawn(sweeper::run_sweeps(
+        runtime.pool.clone(),
+        runtime.publisher.clone(),
+        runtime.settings.topology.clone(),
+        settings,
+        runtime.shutdown_token(),
+    ));
+    vec![runtime.spawn_worker(Sweeper, service_topology()), sweeps]
 }
 
 /// The queues every process declares: all workers', so that a message for a
@@ -47,8 +75,24 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let workers = workers.to_vec();
-    serve(settings, shutdown, move |_runtime| workers.iter().map(|name| match *name {}).collect())
-        .await
+    let invitation_settings = InvitationSettings::from_env()?;
+    let sweeper_settings = SweeperSettings::from_env()?;
+    serve(settings, shutdown, move |runtime| {
+        let mut handles = Vec::new();
+        for name in workers {
+            match name {
+                WorkerName::Invitations => handles.push(runtime.spawn_worker(
+                    Invitations { settings: invitation_settings.clone() },
+                    service_topology(),
+                )),
+                WorkerName::Sweeper => {
+                    handles.extend(spawn_sweeper(runtime, sweeper_settings.clone()))
+                }
+            }
+        }
+        handles
+    })
+    .await
 }
 
 /// The life of a worker process: ledger, migrations, relay, the workers that

@@ -3,8 +3,10 @@
 //! operators' tools.
 
 pub mod app;
+pub mod invitations;
 pub mod ledger;
 pub mod runtime;
 pub mod settings;
 pub mod sms;
+pub mod sweeper;
 pub mod telemetry;
