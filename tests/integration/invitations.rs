@@ -460,3 +460,115 @@ async fn only_the_invited_person_may_accept_and_only_before_the_deadline() {
     sweeper.stop().await;
     service.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_sweepers_expire_each_of_a_thousand_invitations_once_and_no_accepted_one() {
+    let (env, events) = world().await;
+    // Long enough that acceptances sent right after `invitation.sent` land in
+    // time even on a slow machine; short enough to keep the test quick.
+    let service = start(&env, Duration::from_secs(8), true);
+    let second_sweeper = env.serve(|runtime| app::spawn_sweeper(runtime, sweeper_settings()));
+    // 1,000 trusters and 200 contacts, five trusters each, in two statements.
+    sqlx::query(
+        "INSERT INTO accounts (account_id, first_name, last_name, birth_date, citizenship, \
+                               verified, has_passport, phone, updated_at) \
+         SELECT md5('flood-' || kind || n)::uuid, 'Анна', 'Петрова', DATE '1990-01-01', 'RU', \
+                true, true, '+7950' || lpad(n::text, 7, '0') || '', now() \
+         FROM (SELECT 'truster' AS kind, n FROM generate_series(1, 1000) n \
+               UNION ALL SELECT 'contact', n + 1000 FROM generate_series(1, 200) n) people",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    let trusters: Vec<(Uuid, String)> = sqlx::query_as(
+        "SELECT md5('flood-truster' || n)::uuid, '+7950' || lpad((1000 + 1 + n % 200)::text, 7, '0') \
+         FROM generate_series(1, 1000) n ORDER BY n",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    let mut requests = Vec::new();
+    for (truster, contact_phone) in &trusters {
+        let payload = json!({ "truster_id": truster, "contact_first_name": "Анна",
+                              "contact_phone": contact_phone });
+        requests.push(env.command("invitation.requested", &payload).await);
+    }
+    // Each of the first 100 contacts accepts the first invitation it sees.
+    let mut accepted_by_us = std::collections::HashMap::new();
+    let mut acceptances = Vec::new();
+    eventually("every invitation sent and 100 acceptances sent", Duration::from_secs(60), || {
+        for sent in events.all().iter().filter(|e| e.kind == "invitation.sent") {
+            let contact = id_of(sent, "contact_id");
+            if accepted_by_us.len() < 100 && !accepted_by_us.contains_key(&contact) {
+                let invitation = id_of(sent, "invitation_id");
+                accepted_by_us.insert(contact, invitation);
+                acceptances.push((invitation, contact));
+            }
+        }
+        let pending = std::mem::take(&mut acceptances);
+        let sent = events.all().iter().filter(|e| e.kind == "invitation.sent").count();
+        let env = &env;
+        async move {
+            for (invitation, contact) in pending {
+                let payload = json!({ "invitation_id": invitation, "actor_id": contact });
+                env.command("invitation.accepted", &payload).await;
+            }
+            sent == 1000
+        }
+    })
+    .await;
+    assert_eq!(accepted_by_us.len(), 100);
+    eventually("no invitation left pending", Duration::from_secs(90), || async {
+        let pending: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM invitations WHERE status = 'pending'")
+                .fetch_one(&env.pool)
+                .await
+                .unwrap();
+        pending == 0
+    })
+    .await;
+    // Let the copies still in the sweeper's queue be consumed.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let statuses: Vec<(String, i64)> =
+        sqlx::query_as("SELECT status, count(*) FROM invitations GROUP BY status ORDER BY status")
+            .fetch_all(&env.pool)
+            .await
+            .unwrap();
+    let accepted: i64 =
+        statuses.iter().filter(|(s, _)| s == "accepted").map(|(_, n)| n).sum();
+    let expired: i64 = statuses.iter().filter(|(s, _)| s == "expired").map(|(_, n)| n).sum();
+    assert_eq!(accepted + expired, 1000, "{statuses:?}");
+    assert!(accepted > 0, "no acceptance arrived in time: {statuses:?}");
+    let twice: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT subject_id FROM audit_log WHERE action = 'invitation_expired' \
+         GROUP BY subject_id HAVING count(*) > 1) t",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(twice, 0, "an invitation was expired twice");
+    let accepted_then_expired: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM invitations i JOIN audit_log a ON a.subject_id = i.invitation_id \
+         WHERE i.status = 'accepted' AND a.action = 'invitation_expired'",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(accepted_then_expired, 0);
+    let expired_events: Vec<Uuid> = events
+        .all()
+        .iter()
+        .filter(|e| e.kind == "invitation.expired")
+        .map(|e| id_of(e, "invitation_id"))
+        .collect();
+    let distinct: std::collections::HashSet<_> = expired_events.iter().collect();
+    assert_eq!(expired_events.len() as i64, expired);
+    assert_eq!(distinct.len(), expired_events.len());
+    for invitation in accepted_by_us.values() {
+        let state = status(&env, *invitation).await;
+        assert!(state == "accepted" || state == "expired", "{state}");
+    }
+    second_sweeper.stop().await;
+    service.stop().await;
+}
