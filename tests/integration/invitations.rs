@@ -130,8 +130,15 @@ async fn invite(
     outcome(events, &command, &["invitation.sent", "invitation.rejected"]).await
 }
 
-async fn answer(env: &TestEnv, events: &EventTap, kind: &str, invitation: Uuid, actor: Uuid) -> Envelope {
-    let command = env.command(kind, &json!({ "invitation_id": invitation, "actor_id": actor })).await;
+async fn answer(
+    env: &TestEnv,
+    events: &EventTap,
+    kind: &str,
+    invitation: Uuid,
+    actor: Uuid,
+) -> Envelope {
+    let command =
+        env.command(kind, &json!({ "invitation_id": invitation, "actor_id": actor })).await;
     let outcomes = ["invitation.accepted", "invitation.declined", "invitation.rejected"];
     outcome(events, &command, &outcomes).await
 }
@@ -182,12 +189,21 @@ async fn each_eligibility_rule_refuses_with_its_own_reason_on_either_side() {
     // the contact. Ages are one day short of the minimum.
     type Break = fn(&mut Person, bool);
     let cases: [(&str, Break, &str, &str); 5] = [
-        ("too young", |p, truster| {
-            let minimum = if truster { 14 } else { 18 };
-            p.birth = years_ago(minimum).succ_opt().unwrap();
-        }, "truster_too_young", "contact_too_young"),
-        ("not a citizen", |p, _| p.citizenship = "BY".to_owned(),
-            "truster_not_citizen", "contact_not_citizen"),
+        (
+            "too young",
+            |p, truster| {
+                let minimum = if truster { 14 } else { 18 };
+                p.birth = years_ago(minimum).succ_opt().unwrap();
+            },
+            "truster_too_young",
+            "contact_too_young",
+        ),
+        (
+            "not a citizen",
+            |p, _| p.citizenship = "BY".to_owned(),
+            "truster_not_citizen",
+            "contact_not_citizen",
+        ),
         ("unverified", |p, _| p.verified = false, "truster_not_verified", "contact_not_verified"),
         ("no passport", |p, _| p.passport = false, "truster_no_passport", "contact_no_passport"),
         ("no phone", |p, _| p.phone = None, "truster_no_phone", "contact_no_phone"),
@@ -214,10 +230,8 @@ async fn each_eligibility_rule_refuses_with_its_own_reason_on_either_side() {
         let expected = if contact.phone.is_none() { "contact_not_found" } else { as_contact };
         assert_refused(&refused, expected);
     }
-    let opened: i64 = sqlx::query_scalar("SELECT count(*) FROM invitations")
-        .fetch_one(&env.pool)
-        .await
-        .unwrap();
+    let opened: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM invitations").fetch_one(&env.pool).await.unwrap();
     assert_eq!(opened, 0, "no refused request opens an invitation");
     let audited: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM audit_log WHERE action = 'invitation_requested_refused'",
@@ -262,9 +276,11 @@ async fn any_common_notation_finds_the_contact_and_a_wrong_name_looks_like_an_un
     let contact_id = seed(&env, &contact).await;
     let truster = seed(&env, &adult("Иван")).await;
 
-    for (typed_name, typed_phone) in
-        [("Елкина", "8 (900) 123-45-67"), ("ЁЛКИНА", "+7 900 123 45 67"), (" елкина ", "79001234567")]
-    {
+    for (typed_name, typed_phone) in [
+        ("Елкина", "8 (900) 123-45-67"),
+        ("ЁЛКИНА", "+7 900 123 45 67"),
+        (" елкина ", "79001234567"),
+    ] {
         let sent = invite(&env, &events, truster, typed_name, typed_phone).await;
         assert_eq!(sent.kind, "invitation.sent", "{typed_name} {typed_phone}");
         assert_eq!(id_of(&sent, "contact_id"), contact_id);
@@ -389,12 +405,11 @@ async fn six_concurrent_acceptances_for_one_contact_link_exactly_five_trusters()
     assert_eq!(refused.len(), 1);
     assert_refused(refused[0], "contact_limit_reached");
     assert_eq!(active_links_of_contact(&env, contact_id).await, 5);
-    let statuses: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT status, count(*) FROM invitations GROUP BY status ORDER BY status",
-    )
-    .fetch_all(&env.pool)
-    .await
-    .unwrap();
+    let statuses: Vec<(String, i64)> =
+        sqlx::query_as("SELECT status, count(*) FROM invitations GROUP BY status ORDER BY status")
+            .fetch_all(&env.pool)
+            .await
+            .unwrap();
     assert_eq!(statuses, vec![("accepted".to_owned(), 5), ("refused".to_owned(), 1)]);
     service.stop().await;
 }
@@ -427,11 +442,20 @@ async fn only_the_invited_person_may_accept_and_only_before_the_deadline() {
         assert_refused(&refused, "not_invited_contact");
     }
     assert_eq!(status(&env, invitation).await, "pending");
-    assert_eq!(scalar(&env, "SELECT count(*) FROM trust_links WHERE truster_id = $1", truster).await, 0);
+    assert_eq!(
+        scalar(&env, "SELECT count(*) FROM trust_links WHERE truster_id = $1", truster).await,
+        0
+    );
 
     eventually("the deadline passed by the database clock", WAIT, || async {
-        scalar(&env, "SELECT count(*) FROM invitations WHERE invitation_id = $1 \
-                      AND expires_at <= now()", invitation).await == 1
+        scalar(
+            &env,
+            "SELECT count(*) FROM invitations WHERE invitation_id = $1 \
+                      AND expires_at <= now()",
+            invitation,
+        )
+        .await
+            == 1
     })
     .await;
     let late = answer(&env, &events, "invitation.accepted", invitation, contact_id).await;
@@ -481,7 +505,8 @@ async fn two_sweepers_expire_each_of_a_thousand_invitations_once_and_no_accepted
     .await
     .unwrap();
     let trusters: Vec<(Uuid, String)> = sqlx::query_as(
-        "SELECT md5('flood-truster' || n)::uuid, '+7950' || lpad((1000 + 1 + n % 200)::text, 7, '0') \
+        "SELECT md5('flood-truster' || n)::uuid, \
+                '+7950' || lpad((1000 + 1 + n % 200)::text, 7, '0') \
          FROM generate_series(1, 1000) n ORDER BY n",
     )
     .fetch_all(&env.pool)
@@ -535,13 +560,13 @@ async fn two_sweepers_expire_each_of_a_thousand_invitations_once_and_no_accepted
             .fetch_all(&env.pool)
             .await
             .unwrap();
-    let accepted: i64 =
-        statuses.iter().filter(|(s, _)| s == "accepted").map(|(_, n)| n).sum();
+    let accepted: i64 = statuses.iter().filter(|(s, _)| s == "accepted").map(|(_, n)| n).sum();
     let expired: i64 = statuses.iter().filter(|(s, _)| s == "expired").map(|(_, n)| n).sum();
     assert_eq!(accepted + expired, 1000, "{statuses:?}");
     assert!(accepted > 0, "no acceptance arrived in time: {statuses:?}");
     let twice: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM (SELECT subject_id FROM audit_log WHERE action = 'invitation_expired' \
+        "SELECT count(*) FROM (SELECT subject_id FROM audit_log \
+                              WHERE action = 'invitation_expired' \
          GROUP BY subject_id HAVING count(*) > 1) t",
     )
     .fetch_one(&env.pool)
@@ -570,5 +595,315 @@ async fn two_sweepers_expire_each_of_a_thousand_invitations_once_and_no_accepted
         assert!(state == "accepted" || state == "expired", "{state}");
     }
     second_sweeper.stop().await;
+    service.stop().await;
+}
+
+async fn disconnect(env: &TestEnv, events: &EventTap, actor: Uuid, truster: Uuid) -> Envelope {
+    let payload = json!({ "actor_id": actor, "truster_id": truster });
+    let command = env.command("contact.disconnect_requested", &payload).await;
+    let kinds = ["contact.disconnected", "contact.disconnect_rejected"];
+    outcome(events, &command, &kinds).await
+}
+
+async fn link_status(env: &TestEnv, invitation: Uuid) -> String {
+    sqlx::query_scalar("SELECT status FROM trust_links WHERE invitation_id = $1")
+        .bind(invitation)
+        .fetch_one(&env.pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_contact_may_not_leave_while_a_recovery_of_the_truster_is_active() {
+    let (env, events) = world().await;
+    let service = start(&env, Duration::from_secs(600), false);
+    let contact = adult("Анна");
+    let contact_id = seed(&env, &contact).await;
+    let (truster, invitation) = connect(&env, &events, contact_id, &contact).await;
+    let recovery = Uuid::now_v7();
+    sqlx::query(
+        "INSERT INTO recovery_requests (recovery_id, truster_id, contact_id, link_id, status, \
+                                        expires_at, correlation_id) \
+         SELECT $1, truster_id, contact_id, link_id, 'awaiting_contact', \
+                now() + interval '1 hour', \
+                'test' FROM trust_links WHERE invitation_id = $2",
+    )
+    .bind(recovery)
+    .bind(invitation)
+    .execute(&env.pool)
+    .await
+    .unwrap();
+
+    let refused = disconnect(&env, &events, contact_id, truster).await;
+    assert_eq!(refused.kind, "contact.disconnect_rejected");
+    assert_eq!(refused.payload["reason"], json!("recovery_active"));
+    assert_eq!(id_of(&refused, "contact_id"), contact_id);
+    assert_eq!(link_status(&env, invitation).await, "active");
+    let stranger = seed(&env, &adult("Олег")).await;
+    let refused = disconnect(&env, &events, stranger, truster).await;
+    assert_eq!(refused.payload["reason"], json!("not_a_party"));
+
+    sqlx::query("UPDATE recovery_requests SET status = 'cancelled' WHERE recovery_id = $1")
+        .bind(recovery)
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let done = disconnect(&env, &events, contact_id, truster).await;
+    assert_eq!(done.kind, "contact.disconnected");
+    assert_eq!(id_of(&done, "actor_id"), contact_id);
+    assert_eq!(link_status(&env, invitation).await, "disconnected");
+    let told: Vec<Uuid> = events
+        .all()
+        .iter()
+        .filter(|e| e.payload["kind"] == "contact_disconnected")
+        .filter(|e| e.causation_id == done.causation_id)
+        .map(|e| id_of(e, "account_id"))
+        .collect();
+    assert_eq!(told.len(), 2);
+    assert!(told.contains(&truster) && told.contains(&contact_id));
+
+    // The truster may disconnect at any time, an active recovery or not.
+    let (truster, invitation) = connect(&env, &events, contact_id, &contact).await;
+    sqlx::query(
+        "INSERT INTO recovery_requests (recovery_id, truster_id, contact_id, link_id, status, \
+                                        expires_at, correlation_id) \
+         SELECT $1, truster_id, contact_id, link_id, 'code_sent', now() + interval '1 hour', \
+                'test' FROM trust_links WHERE invitation_id = $2",
+    )
+    .bind(Uuid::now_v7())
+    .bind(invitation)
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    let done = disconnect(&env, &events, truster, truster).await;
+    assert_eq!(done.kind, "contact.disconnected");
+    assert_eq!(link_status(&env, invitation).await, "disconnected");
+    let again = disconnect(&env, &events, truster, truster).await;
+    assert_eq!(again.payload["reason"], json!("no_active_contact"));
+    service.stop().await;
+}
+
+async fn queue_drained(env: &TestEnv) {
+    let queue = env.topology().worker_queue("invitations");
+    eventually("the invitations queue drained", WAIT, || async {
+        let declared = env
+            .channel
+            .queue_declare(
+                queue.as_str().into(),
+                lapin::options::QueueDeclareOptions { passive: true, ..Default::default() },
+                Default::default(),
+            )
+            .await
+            .unwrap();
+        declared.message_count() == 0
+    })
+    .await;
+    // A copy taken off the queue may still be in its handler.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+}
+
+async fn twice(env: &TestEnv, kind: &str, payload: Value) -> Envelope {
+    let command = Envelope::new_command(kind, &payload).unwrap();
+    env.publish_envelope(&command).await;
+    env.publish_envelope(&command).await;
+    command
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_command_delivered_twice_has_its_effect_once() {
+    let (env, events) = world().await;
+    let service = start(&env, Duration::from_secs(600), false);
+    let truster = Uuid::now_v7();
+    let contact = Uuid::now_v7();
+    let other = Uuid::now_v7();
+    let mut updates = Vec::new();
+    for (id, name, phone) in [
+        (truster, "Иван", "+79101112233"),
+        (contact, "Анна", "8 910 111 22 44"),
+        (other, "Мария", "+79101112255"),
+    ] {
+        let payload = json!({ "account_id": id, "first_name": name, "last_name": "Петрова",
+            "birth_date": "1990-01-01", "citizenship": "RU", "verified": true,
+            "has_passport": true, "phone": phone });
+        updates.push(twice(&env, "account.updated", payload).await);
+    }
+    eventually("three accounts projected", WAIT, || async {
+        let n: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM accounts").fetch_one(&env.pool).await.unwrap();
+        n == 3
+    })
+    .await;
+    let phone: String = sqlx::query_scalar("SELECT phone FROM accounts WHERE account_id = $1")
+        .bind(contact)
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(phone, "+79101112244");
+
+    let request = json!({ "truster_id": truster, "contact_first_name": "Анна",
+                          "contact_phone": "+79101112244" });
+    let requested = twice(&env, "invitation.requested", request).await;
+    let sent = outcome(&events, &requested, &["invitation.sent"]).await;
+    let invitation = id_of(&sent, "invitation_id");
+    let accepted = twice(
+        &env,
+        "invitation.accepted",
+        json!({ "invitation_id": invitation, "actor_id": contact }),
+    )
+    .await;
+    outcome(&events, &accepted, &["invitation.accepted"]).await;
+
+    let request = json!({ "truster_id": other, "contact_first_name": "Анна",
+                          "contact_phone": "+79101112244" });
+    let second = twice(&env, "invitation.requested", request).await;
+    let sent = outcome(&events, &second, &["invitation.sent"]).await;
+    let declined = twice(
+        &env,
+        "invitation.declined",
+        json!({ "invitation_id": id_of(&sent, "invitation_id"), "actor_id": contact }),
+    )
+    .await;
+    outcome(&events, &declined, &["invitation.declined"]).await;
+
+    let disconnected = twice(
+        &env,
+        "contact.disconnect_requested",
+        json!({ "actor_id": truster, "truster_id": truster }),
+    )
+    .await;
+    outcome(&events, &disconnected, &["contact.disconnected"]).await;
+    queue_drained(&env).await;
+
+    // One outcome each (plus notifications), one ledger change each.
+    for (command, kind, notifications) in [
+        (&requested, "invitation.sent", 1),
+        (&accepted, "invitation.accepted", 2),
+        (&second, "invitation.sent", 1),
+        (&declined, "invitation.declined", 1),
+        (&disconnected, "contact.disconnected", 2),
+    ] {
+        let caused = events.caused_by(command);
+        let outcomes = caused.iter().filter(|e| e.kind == kind).count();
+        let notices = caused.iter().filter(|e| e.kind == "cabinet.notification").count();
+        assert_eq!((outcomes, notices), (1, notifications), "{}", command.kind);
+    }
+    let pool = &env.pool;
+    let count = |sql: &'static str| async move {
+        sqlx::query_scalar::<_, i64>(sql).fetch_one(pool).await.unwrap()
+    };
+    assert_eq!(count("SELECT count(*) FROM invitations").await, 2);
+    assert_eq!(count("SELECT count(*) FROM trust_links").await, 1);
+    assert_eq!(count("SELECT count(*) FROM audit_log WHERE action = 'account_projected'").await, 3);
+    assert_eq!(count("SELECT count(*) FROM audit_log WHERE action = 'invitation_sent'").await, 2);
+    assert_eq!(count("SELECT count(*) FROM audit_log WHERE action = 'link_created'").await, 1);
+    assert_eq!(
+        count("SELECT count(*) FROM audit_log WHERE action = 'invitation_declined'").await,
+        1
+    );
+    assert_eq!(count("SELECT count(*) FROM audit_log WHERE action = 'link_disconnected'").await, 1);
+    assert_eq!(count("SELECT count(*) FROM outbox WHERE message_type = 'sms.requested'").await, 2);
+    service.stop().await;
+}
+
+fn account_update(
+    id: Uuid,
+    first_name: &str,
+    phone: &str,
+    occurred_at: chrono::DateTime<Utc>,
+) -> Envelope {
+    let payload = json!({ "account_id": id, "first_name": first_name, "last_name": "Петрова",
+        "birth_date": "1990-01-01", "citizenship": "RU", "verified": true,
+        "has_passport": true, "phone": phone });
+    let mut envelope = Envelope::new_command("account.updated", &payload).unwrap();
+    envelope.occurred_at = occurred_at;
+    envelope
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_older_account_update_never_overwrites_a_newer_one_and_a_bad_phone_dead_letters() {
+    let (env, _events) = world().await;
+    let service = start(&env, Duration::from_secs(600), false);
+    let id = Uuid::now_v7();
+    let now = Utc::now();
+    let newer = account_update(id, "Новая", "+79201234567", now);
+    let older = account_update(id, "Старая", "+79207654321", now - chrono::Duration::hours(1));
+    env.publish_envelope(&newer).await;
+    env.publish_envelope(&older).await;
+    eventually("both updates handled", WAIT, || async {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM inbox WHERE consumer = 'invitations' AND message_id = ANY($1)",
+        )
+        .bind(vec![newer.message_id, older.message_id])
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+        n == 2
+    })
+    .await;
+    let row: (String, String) =
+        sqlx::query_as("SELECT first_name, phone FROM accounts WHERE account_id = $1")
+            .bind(id)
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(row, ("Новая".to_owned(), "+79201234567".to_owned()));
+
+    let bad = account_update(Uuid::now_v7(), "Анна", "+380 50 123 45 67", Utc::now());
+    env.publish_envelope(&bad).await;
+    let dead = env.wait_dead_letters("invitations", 1, WAIT).await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(Envelope::parse(&dead[0].data).unwrap().message_id, bad.message_id);
+    let n: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM accounts").fetch_one(&env.pool).await.unwrap();
+    assert_eq!(n, 1);
+    service.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_invitation_sms_tells_the_truster_and_keeps_the_invitation() {
+    let (env, events) = world().await;
+    let sms = env.tap_internal("sms.requested").await;
+    let service = start(&env, Duration::from_secs(600), false);
+    let contact = adult("Анна");
+    seed(&env, &contact).await;
+    let truster = seed(&env, &adult("Иван")).await;
+    let sent = invite(&env, &events, truster, "Анна", contact.phone.as_deref().unwrap()).await;
+    let invitation = id_of(&sent, "invitation_id");
+    let requested = sms.wait_until("the SMS request", WAIT, |seen| seen.len() == 1).await;
+    assert_eq!(requested[0].payload["requested_by"], json!("invitations"));
+    let key = requested[0].payload["idempotency_key"].clone();
+
+    let failed = requested[0]
+        .caused(
+            "sms.failed",
+            &json!({ "idempotency_key": key, "reason": "sms_rejected",
+            "recipient_id": requested[0].payload["recipient_id"],
+            "template": "invitation_notice" }),
+        )
+        .unwrap();
+    let queue = env.topology().worker_queue("invitations");
+    let properties = properties_for(
+        failed.message_id,
+        &failed.kind,
+        failed.correlation_id.as_deref(),
+        failed.causation_id.as_deref(),
+        failed.occurred_at,
+    );
+    env.publish_raw("", &queue, &serde_json::to_vec(&failed).unwrap(), properties).await;
+    let notice = events
+        .wait_until("the truster told", WAIT, |seen| {
+            seen.iter().any(|e| e.payload["kind"] == "invitation_sms_failed")
+        })
+        .await;
+    let notice = notice.iter().find(|e| e.payload["kind"] == "invitation_sms_failed").unwrap();
+    assert_eq!(id_of(notice, "account_id"), truster);
+    assert_eq!(status(&env, invitation).await, "pending");
+    let audited = scalar(
+        &env,
+        "SELECT count(*) FROM audit_log WHERE subject_id = $1 AND action = 'invitation_sms_failed'",
+        invitation,
+    )
+    .await;
+    assert_eq!(audited, 1);
     service.stop().await;
 }

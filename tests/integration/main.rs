@@ -4,5 +4,5 @@
 
 mod support;
 
-mod message_runtime;
 mod invitations;
+mod message_runtime;
