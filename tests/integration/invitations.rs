@@ -314,6 +314,24 @@ async fn any_common_notation_finds_the_contact_and_a_wrong_name_looks_like_an_un
     assert_eq!(wrong_name.payload, unknown_phone.payload, "the two answers are the same");
     let garbage = invite(&env, &events, other, "Елкина", "call me").await;
     assert_refused(&garbage, "contact_phone_invalid");
+
+    // Nobody is their own contact.
+    let own = sqlx::query_scalar::<_, String>("SELECT phone FROM accounts WHERE account_id = $1")
+        .bind(other)
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_refused(&invite(&env, &events, other, "Олег", &own).await, "self_invitation");
+
+    // Five invitations an hour: the truster above sent three, two more pass.
+    for _ in 0..2 {
+        let sent = invite(&env, &events, truster, "Елкина", "+79001234567").await;
+        assert_eq!(sent.kind, "invitation.sent");
+    }
+    let sixth = invite(&env, &events, truster, "Елкина", "+79001234567").await;
+    assert_refused(&sixth, "invitation_rate_limited");
+    let opened = scalar(&env, "SELECT count(*) FROM invitations WHERE truster_id = $1", truster);
+    assert_eq!(opened.await, 5);
     service.stop().await;
 }
 
