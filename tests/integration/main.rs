@@ -5,5 +5,6 @@
 mod support;
 
 mod dead_letters;
+mod invitations;
 mod message_runtime;
 mod sms;

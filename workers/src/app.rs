@@ -8,23 +8,30 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    invitations::{INVITATIONS, InvitationSettings, Invitations},
     ledger,
     runtime::{Runtime, WorkerSpec, health},
     settings::Settings,
     sms::{SmsSettings, SmsWorker},
+    sweeper::{self, SWEEPER, Sweeper, SweeperSettings},
 };
 
 /// Every worker of the service, in the order `all` starts them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WorkerName {
+    Invitations,
+    Sweeper,
     Sms,
 }
 
 impl WorkerName {
-    pub const ALL: &'static [WorkerName] = &[WorkerName::Sms];
+    pub const ALL: &'static [WorkerName] =
+        &[WorkerName::Invitations, WorkerName::Sweeper, WorkerName::Sms];
 
     pub fn spec(self) -> WorkerSpec {
         match self {
+            WorkerName::Invitations => INVITATIONS,
+            WorkerName::Sweeper => SWEEPER,
             WorkerName::Sms => crate::sms::worker::SPEC,
         }
     }
@@ -35,10 +42,28 @@ impl FromStr for WorkerName {
 
     fn from_str(name: &str) -> Result<Self, Self::Err> {
         match name {
+            "invitations" => Ok(WorkerName::Invitations),
+            "sweeper" => Ok(WorkerName::Sweeper),
             crate::sms::SMS_WORKER => Ok(WorkerName::Sms),
             _ => bail!("unknown worker `{name}`"),
         }
     }
+}
+
+/// The sweeper is a consumer of its deadline queue plus the periodic sweep
+/// of the ledger; both stop with the runtime.
+pub fn spawn_sweeper(
+    runtime: &Runtime,
+    settings: SweeperSettings,
+) -> Vec<JoinHandle<anyhow::Result<()>>> {
+    let sweeps = tokio::spawn(sweeper::run_sweeps(
+        runtime.pool.clone(),
+        runtime.publisher.clone(),
+        runtime.settings.topology.clone(),
+        settings,
+        runtime.shutdown_token(),
+    ));
+    vec![runtime.spawn_worker(Sweeper, service_topology()), sweeps]
 }
 
 /// The queues every process declares: all workers', so that a message for a
@@ -62,11 +87,20 @@ pub async fn run(
         sms = Some(SmsWorker::from_settings(&sms_settings, settings.retry_limit)?);
     }
     let workers = workers.to_vec();
+    let invitation_settings = InvitationSettings::from_env()?;
+    let sweeper_settings = SweeperSettings::from_env()?;
     serve(settings, shutdown, move |runtime| {
         let topology = service_topology();
         let mut handles = Vec::new();
         for name in workers {
             match name {
+                WorkerName::Invitations => handles.push(runtime.spawn_worker(
+                    Invitations { settings: invitation_settings.clone() },
+                    topology.clone(),
+                )),
+                WorkerName::Sweeper => {
+                    handles.extend(spawn_sweeper(runtime, sweeper_settings.clone()))
+                }
                 WorkerName::Sms => {
                     if let Some(worker) = sms.take() {
                         handles.push(runtime.spawn_worker(worker, topology.clone()));

@@ -171,6 +171,20 @@ impl LedgerTx {
         self.push(String::new(), queue, kind, payload, delay)
     }
 
+    /// Delivers a ready-made envelope to `worker`'s queue after `delay`. For
+    /// messages whose id must be derivable elsewhere (a deadline that a
+    /// periodic sweep may send again under the same id, so the inbox keeps
+    /// only one).
+    pub fn schedule_envelope(&mut self, worker: &str, delay: Duration, envelope: Envelope) {
+        let queue = self.topology.worker_queue(worker);
+        self.outgoing.push(OutgoingMessage {
+            envelope,
+            exchange: String::new(),
+            routing_key: queue,
+            delay,
+        });
+    }
+
     fn push<P: Serialize>(
         &mut self,
         exchange: String,

@@ -1,0 +1,56 @@
+//! `account.updated`: keeps the ledger's copy of what eligibility needs. An
+//! update older (by `occurred_at`) than the copy is ignored, so updates may
+//! arrive in any order; a phone that cannot be normalised is refused for good.
+
+use anyhow::anyhow;
+use trusted_contact_contracts::{Envelope, commands::AccountUpdated, normalize_phone};
+
+use super::ledger_queries::audit;
+use crate::runtime::{Context, HandlerError};
+
+pub async fn handle(context: &Context, message: &Envelope) -> Result<(), HandlerError> {
+    let account: AccountUpdated = message.payload_as()?;
+    let phone = match account.phone.as_deref() {
+        None => None,
+        Some(raw) => Some(normalize_phone(raw).map_err(|error| {
+            HandlerError::permanent(anyhow!("account {}: {error}", account.account_id))
+        })?),
+    };
+    let Some(mut tx) = context.begin(message).await? else { return Ok(()) };
+
+    // The guard in the WHERE clause keeps the newer copy whichever update
+    // commits first.
+    let applied = sqlx::query(
+        "INSERT INTO accounts (account_id, first_name, last_name, birth_date, citizenship, \
+                               verified, has_passport, phone, updated_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+         ON CONFLICT (account_id) DO UPDATE SET \
+             first_name = EXCLUDED.first_name, last_name = EXCLUDED.last_name, \
+             birth_date = EXCLUDED.birth_date, citizenship = EXCLUDED.citizenship, \
+             verified = EXCLUDED.verified, has_passport = EXCLUDED.has_passport, \
+             phone = EXCLUDED.phone, updated_at = EXCLUDED.updated_at \
+         WHERE accounts.updated_at < EXCLUDED.updated_at",
+    )
+    .bind(account.account_id)
+    .bind(account.first_name.trim())
+    .bind(account.last_name.trim())
+    .bind(account.birth_date)
+    .bind(account.citizenship.trim())
+    .bind(account.verified)
+    .bind(account.has_passport)
+    .bind(phone)
+    .bind(message.occurred_at)
+    .execute(tx.conn())
+    .await?
+    .rows_affected()
+        > 0;
+
+    if applied {
+        let detail = serde_json::json!({ "occurred_at": message.occurred_at });
+        audit(&mut tx, None, "account", Some(account.account_id), "account_projected", detail)
+            .await?;
+    } else {
+        tracing::debug!(account.id = %account.account_id, "older account update ignored");
+    }
+    context.commit(tx).await
+}
