@@ -9,19 +9,27 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     ledger,
+    recovery::{self, RecoverySettings, RecoveryWorker},
     runtime::{Runtime, WorkerSpec},
     settings::Settings,
+    sweeper::{self, SweeperSettings},
 };
 
 /// Every worker of the service, in the order `all` starts them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WorkerName {}
+pub enum WorkerName {
+    Recovery,
+    Sweeper,
+}
 
 impl WorkerName {
-    pub const ALL: &'static [WorkerName] = &[];
+    pub const ALL: &'static [WorkerName] = &[WorkerName::Recovery, WorkerName::Sweeper];
 
     pub fn spec(self) -> WorkerSpec {
-        match self {}
+        match self {
+            WorkerName::Recovery => recovery::SPEC,
+            WorkerName::Sweeper => sweeper::SPEC,
+        }
     }
 }
 
@@ -29,7 +37,39 @@ impl FromStr for WorkerName {
     type Err = anyhow::Error;
 
     fn from_str(name: &str) -> Result<Self, Self::Err> {
-        bail!("unknown worker `{name}`")
+        match name {
+            recovery::NAME => Ok(WorkerName::Recovery),
+            sweeper::NAME => Ok(WorkerName::Sweeper),
+            _ => bail!("unknown worker `{name}`"),
+        }
+    }
+}
+
+/// Each worker's own settings, read before anything starts, so that a
+/// missing secret stops the process at once. Only the chosen workers' are
+/// read: a sweeper alone needs no code secret.
+enum Started {
+    Recovery(RecoverySettings),
+    Sweeper(SweeperSettings),
+}
+
+impl Started {
+    fn read(name: WorkerName, settings: &Settings) -> anyhow::Result<Self> {
+        Ok(match name {
+            WorkerName::Recovery => {
+                Started::Recovery(RecoverySettings::from_env(&settings.environment)?)
+            }
+            WorkerName::Sweeper => Started::Sweeper(SweeperSettings::from_env()?),
+        })
+    }
+
+    fn spawn(self, runtime: &Runtime) -> Vec<JoinHandle<anyhow::Result<()>>> {
+        match self {
+            Started::Recovery(settings) => {
+                vec![runtime.spawn_worker(RecoveryWorker::new(settings), service_topology())]
+            }
+            Started::Sweeper(settings) => sweeper::spawn(runtime, settings, service_topology()),
+        }
     }
 }
 
@@ -46,9 +86,14 @@ pub async fn run(
     workers: &[WorkerName],
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let workers = workers.to_vec();
-    serve(settings, shutdown, move |_runtime| workers.iter().map(|name| match *name {}).collect())
-        .await
+    let started = workers
+        .iter()
+        .map(|name| Started::read(*name, &settings))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    serve(settings, shutdown, move |runtime| {
+        started.into_iter().flat_map(|worker| worker.spawn(runtime)).collect()
+    })
+    .await
 }
 
 /// The life of a worker process: ledger, migrations, relay, the workers that

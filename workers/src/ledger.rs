@@ -171,6 +171,24 @@ impl LedgerTx {
         self.push(String::new(), queue, kind, payload, delay)
     }
 
+    /// Like [`Self::schedule`], under a message id the caller derives from
+    /// what the deadline is about, so that the delayed message and a periodic
+    /// sweep that finds the same deadline meet on one inbox row.
+    pub fn schedule_with_id<P: Serialize>(
+        &mut self,
+        worker: &str,
+        delay: Duration,
+        kind: &str,
+        message_id: Uuid,
+        payload: &P,
+    ) -> anyhow::Result<Uuid> {
+        self.schedule(worker, delay, kind, payload)?;
+        if let Some(last) = self.outgoing.last_mut() {
+            last.envelope.message_id = message_id;
+        }
+        Ok(message_id)
+    }
+
     fn push<P: Serialize>(
         &mut self,
         exchange: String,

@@ -4,7 +4,9 @@
 
 pub mod app;
 pub mod ledger;
+pub mod recovery;
 pub mod runtime;
 pub mod settings;
 pub mod sms;
+pub mod sweeper;
 pub mod telemetry;
