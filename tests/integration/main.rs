@@ -5,3 +5,4 @@
 mod support;
 
 mod message_runtime;
+mod recovery;
