@@ -414,7 +414,10 @@ async fn nobody_but_the_contact_may_confirm_submit_or_decline_nor_anyone_but_the
     let before = w.row(recovery_id).await;
 
     let by_id = |actor: Uuid| json!({ "recovery_id": recovery_id, "actor_id": actor });
-    let decline = |actor: Uuid| json!({ "recovery_id": recovery_id, "actor_id": actor, "reason": "suspected_fraud" });
+    let decline = |actor: Uuid| {
+        let reason = "suspected_fraud";
+        json!({ "recovery_id": recovery_id, "actor_id": actor, "reason": reason })
+    };
     let attempts = [
         (w.confirm(recovery_id, stranger).await, "not_trusters_contact"),
         (w.confirm(recovery_id, truster).await, "not_trusters_contact"),
@@ -760,4 +763,34 @@ async fn no_log_line_of_the_real_binary_contains_the_code_or_the_contacts_phone(
         assert!(!line.contains(&wrong(&code)), "line {line_no} holds a submitted code");
         assert!(!line.contains(national), "line {line_no} holds the phone: {line}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_sent_over_a_link_that_ended_leaves_the_active_set() {
+    let w = world().await;
+    let old_request = w.request().await;
+    // The truster disconnects the contact and connects another, written
+    // straight into the ledger as the invitations worker would.
+    sqlx::query(
+        "UPDATE trust_links SET status = 'disconnected', disconnected_at = now(), \
+         disconnected_by = truster_id WHERE truster_id = $1",
+    )
+    .bind(w.parties.truster)
+    .execute(&w.env.pool)
+    .await
+    .unwrap();
+    let refused = w.confirm(old_request, w.parties.contact).await;
+    let refusal = w.events.outcome(&refused, ev::RECOVERY_REJECTED).await;
+    assert_eq!(refusal.payload["reason"], json!("not_trusters_contact"));
+    let new_contact = add_account(&w.env, "Мария", "Волкова", Some("+79045554433")).await;
+    link(&w.env, w.parties.truster, new_contact).await;
+
+    let command = w.env.command(cmd::RECOVERY_REQUESTED, &w.truster_json()).await;
+    let opened = w.events.outcome(&command, ev::RECOVERY_AWAITING_CONTACT).await;
+    assert_eq!(opened.payload["existing"], json!(false));
+    assert_eq!(opened.payload["contact_id"], json!(new_contact));
+    let ended = w.events.outcome(&command, ev::RECOVERY_CANCELLED).await;
+    assert_eq!(ended.payload["recovery_id"], json!(old_request));
+    assert_eq!(w.row(old_request).await.0, "cancelled");
+    w.service.stop().await;
 }

@@ -60,3 +60,48 @@ async fn step(tx: &mut LedgerTx, command: &RecoveryCancelled) -> Result<(), Hand
     tracing::debug!(recovery_id = %recovery_id, "recovery cancelled by the truster");
     Ok(())
 }
+
+/// Ends the truster's active request because the link it was sent over is
+/// gone (the truster disconnected the contact). Meant for the disconnection
+/// step, in its own transaction; `requested` also calls it for a request
+/// whose link ended before this rule ran.
+pub async fn end_for_disconnection(
+    tx: &mut LedgerTx,
+    request: &store::RecoveryRow,
+) -> Result<(), HandlerError> {
+    let ended = sqlx::query(
+        "UPDATE recovery_requests SET status = 'cancelled', decided_at = now(), code_hmac = NULL \
+         WHERE recovery_id = $1 AND status IN ('awaiting_contact', 'code_sent')",
+    )
+    .bind(request.recovery_id)
+    .execute(tx.conn())
+    .await?
+    .rows_affected();
+    store::expect_one(ended, request.recovery_id)?;
+    let detail = json!({ "link_id": request.link_id });
+    store::audit(tx, None, Some(request.recovery_id), "ended_by_disconnection", detail).await?;
+    tx.publish_event(
+        events::RecoveryCancelled::TYPE,
+        &events::RecoveryCancelled {
+            recovery_id: request.recovery_id,
+            truster_id: request.truster_id,
+            contact_id: request.contact_id,
+        },
+    )?;
+    tracing::debug!(recovery_id = %request.recovery_id, "recovery ended by disconnection");
+    Ok(())
+}
+
+/// The truster's active request, if any, ended because its link is gone.
+/// For the disconnection step: call it in the same transaction that ends the
+/// link, so no request outlives its contact.
+pub async fn end_active_for_disconnection(
+    tx: &mut LedgerTx,
+    truster_id: uuid::Uuid,
+) -> Result<Option<uuid::Uuid>, HandlerError> {
+    let Some(request) = store::lock_active_request(tx.conn(), truster_id).await? else {
+        return Ok(None);
+    };
+    end_for_disconnection(tx, &request).await?;
+    Ok(Some(request.recovery_id))
+}

@@ -10,7 +10,7 @@ use trusted_contact_contracts::{
 use uuid::Uuid;
 
 use super::{
-    NAME, RecoverySettings, chrono_duration, expiry, notices,
+    NAME, RecoverySettings, cancelled, chrono_duration, expiry, notices,
     store::{self, RecoveryRow, Refusal},
     whole_minutes,
 };
@@ -53,12 +53,17 @@ async fn step(
     };
 
     if let Some(active) = store::lock_active_request(tx.conn(), truster_id).await? {
-        if active.expires_at > now {
+        if active.link_id != link_id {
+            // Sent over a link that has since ended: nobody can approve it,
+            // so it ends before a request to the new contact opens.
+            cancelled::end_for_disconnection(tx, &active).await?;
+        } else if active.expires_at > now {
             return answer_with_active(tx, &active).await;
+        } else {
+            // Its deadline passed but the sweeper has not ended it yet; it
+            // must end before another may open.
+            expiry::expire_request(tx, &active, now).await?;
         }
-        // Its deadline passed but the sweeper has not ended it yet; it must
-        // end before another may open.
-        expiry::expire_request(tx, &active, now).await?;
     }
 
     let since = now - chrono::Duration::days(1);
