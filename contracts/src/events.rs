@@ -165,8 +165,9 @@ pub struct RecoveryCodeSent {
     pub codes_left: u32,
 }
 
-/// A submitted code was not accepted. With `attempts_left` at 0 the request
-/// is locked (`reason` is then `recovery_locked`).
+/// A submitted code was not accepted; the request stays open. The wrong
+/// attempt that locks the request is answered with `recovery.rejected`
+/// (`reason` = `recovery_locked`) instead.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct RecoveryCodeRejected {
     pub recovery_id: Uuid,

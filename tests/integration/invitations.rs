@@ -13,7 +13,7 @@ use trusted_contact::{
     app,
     invitations::{InvitationSettings, Invitations},
     runtime::message::properties_for,
-    sweeper::SweeperSettings,
+    sweeper::{self, SweeperSettings},
 };
 use trusted_contact_contracts::{Envelope, moscow_today};
 use uuid::Uuid;
@@ -96,7 +96,7 @@ fn start(env: &TestEnv, window: Duration, sweeper: bool) -> InProcess {
         let mut handles =
             vec![runtime.spawn_worker(Invitations { settings }, app::service_topology())];
         if sweeper {
-            handles.extend(app::spawn_sweeper(runtime, sweeper_settings()));
+            handles.extend(sweeper::spawn(runtime, sweeper_settings(), app::service_topology()));
         }
         handles
     })
@@ -480,7 +480,8 @@ async fn only_the_invited_person_may_accept_and_only_before_the_deadline() {
     assert_refused(&late, "invitation_expired");
     assert_eq!(status(&env, invitation).await, "pending", "only the sweeper expires");
 
-    let sweeper = env.serve(|runtime| app::spawn_sweeper(runtime, sweeper_settings()));
+    let sweeper =
+        env.serve(|runtime| sweeper::spawn(runtime, sweeper_settings(), app::service_topology()));
     let correlation = request.message_id.to_string();
     let seen = events
         .wait_until("the expiry and the truster's notice", WAIT, |seen| {
@@ -509,7 +510,8 @@ async fn two_sweepers_expire_each_of_a_thousand_invitations_once_and_no_accepted
     // Long enough that acceptances sent right after `invitation.sent` land in
     // time even on a slow machine; short enough to keep the test quick.
     let service = start(&env, Duration::from_secs(8), true);
-    let second_sweeper = env.serve(|runtime| app::spawn_sweeper(runtime, sweeper_settings()));
+    let second_sweeper =
+        env.serve(|runtime| sweeper::spawn(runtime, sweeper_settings(), app::service_topology()));
     // 1,000 trusters and 200 contacts, five trusters each, in two statements.
     sqlx::query(
         "INSERT INTO accounts (account_id, first_name, last_name, birth_date, citizenship, \

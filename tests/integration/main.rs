@@ -7,4 +7,5 @@ mod support;
 mod dead_letters;
 mod invitations;
 mod message_runtime;
+mod recovery;
 mod sms;

@@ -3,17 +3,17 @@
 
 use std::str::FromStr;
 
-use anyhow::bail;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     invitations::{INVITATIONS, InvitationSettings, Invitations},
     ledger,
+    recovery::{self, RecoverySettings, RecoveryWorker},
     runtime::{Runtime, WorkerSpec, health},
     settings::Settings,
-    sms::{SmsSettings, SmsWorker},
-    sweeper::{self, SWEEPER, Sweeper, SweeperSettings},
+    sms::{self, SmsSettings, SmsWorker},
+    sweeper::{self, SWEEPER, SweeperSettings},
 };
 
 /// Every worker of the service, in the order `all` starts them.
@@ -21,18 +21,20 @@ use crate::{
 pub enum WorkerName {
     Invitations,
     Sweeper,
+    Recovery,
     Sms,
 }
 
 impl WorkerName {
     pub const ALL: &'static [WorkerName] =
-        &[WorkerName::Invitations, WorkerName::Sweeper, WorkerName::Sms];
+        &[WorkerName::Invitations, WorkerName::Sweeper, WorkerName::Recovery, WorkerName::Sms];
 
     pub fn spec(self) -> WorkerSpec {
         match self {
             WorkerName::Invitations => INVITATIONS,
             WorkerName::Sweeper => SWEEPER,
-            WorkerName::Sms => crate::sms::worker::SPEC,
+            WorkerName::Recovery => recovery::SPEC,
+            WorkerName::Sms => sms::worker::SPEC,
         }
     }
 }
@@ -41,29 +43,52 @@ impl FromStr for WorkerName {
     type Err = anyhow::Error;
 
     fn from_str(name: &str) -> Result<Self, Self::Err> {
-        match name {
-            "invitations" => Ok(WorkerName::Invitations),
-            "sweeper" => Ok(WorkerName::Sweeper),
-            crate::sms::SMS_WORKER => Ok(WorkerName::Sms),
-            _ => bail!("unknown worker `{name}`"),
-        }
+        WorkerName::ALL
+            .iter()
+            .copied()
+            .find(|worker| worker.spec().name == name)
+            .ok_or_else(|| anyhow::anyhow!("unknown worker `{name}`"))
     }
 }
 
-/// The sweeper is a consumer of its deadline queue plus the periodic sweep
-/// of the ledger; both stop with the runtime.
-pub fn spawn_sweeper(
-    runtime: &Runtime,
-    settings: SweeperSettings,
-) -> Vec<JoinHandle<anyhow::Result<()>>> {
-    let sweeps = tokio::spawn(sweeper::run_sweeps(
-        runtime.pool.clone(),
-        runtime.publisher.clone(),
-        runtime.settings.topology.clone(),
-        settings,
-        runtime.shutdown_token(),
-    ));
-    vec![runtime.spawn_worker(Sweeper, service_topology()), sweeps]
+/// Each worker's own settings, read before anything starts, so that a bad
+/// variable or a missing secret stops the process at once. Only the chosen
+/// workers' are read: a sweeper alone needs no code secret.
+enum Started {
+    Invitations(InvitationSettings),
+    Sweeper(SweeperSettings),
+    Recovery(RecoverySettings),
+    Sms(Box<SmsWorker<sms::worker::ProductionProvider>>),
+}
+
+impl Started {
+    fn read(name: WorkerName, settings: &Settings) -> anyhow::Result<Self> {
+        Ok(match name {
+            WorkerName::Invitations => Started::Invitations(InvitationSettings::from_env()?),
+            WorkerName::Sweeper => Started::Sweeper(SweeperSettings::from_env()?),
+            WorkerName::Recovery => {
+                Started::Recovery(RecoverySettings::from_env(&settings.environment)?)
+            }
+            WorkerName::Sms => Started::Sms(Box::new(SmsWorker::from_settings(
+                &SmsSettings::from_env()?,
+                settings.retry_limit,
+            )?)),
+        })
+    }
+
+    fn spawn(self, runtime: &Runtime) -> Vec<JoinHandle<anyhow::Result<()>>> {
+        let topology = service_topology();
+        match self {
+            Started::Invitations(settings) => {
+                vec![runtime.spawn_worker(Invitations { settings }, topology)]
+            }
+            Started::Sweeper(settings) => sweeper::spawn(runtime, settings, topology),
+            Started::Recovery(settings) => {
+                vec![runtime.spawn_worker(RecoveryWorker::new(settings), topology)]
+            }
+            Started::Sms(worker) => vec![runtime.spawn_worker(*worker, topology)],
+        }
+    }
 }
 
 /// The queues every process declares: all workers', so that a message for a
@@ -79,36 +104,12 @@ pub async fn run(
     workers: &[WorkerName],
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    // Each worker's own settings are read before anything starts, so a bad
-    // variable stops the process at once instead of after it connected.
-    let mut sms = None;
-    if workers.contains(&WorkerName::Sms) {
-        let sms_settings = SmsSettings::from_env()?;
-        sms = Some(SmsWorker::from_settings(&sms_settings, settings.retry_limit)?);
-    }
-    let workers = workers.to_vec();
-    let invitation_settings = InvitationSettings::from_env()?;
-    let sweeper_settings = SweeperSettings::from_env()?;
+    let started = workers
+        .iter()
+        .map(|name| Started::read(*name, &settings))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     serve(settings, shutdown, move |runtime| {
-        let topology = service_topology();
-        let mut handles = Vec::new();
-        for name in workers {
-            match name {
-                WorkerName::Invitations => handles.push(runtime.spawn_worker(
-                    Invitations { settings: invitation_settings.clone() },
-                    topology.clone(),
-                )),
-                WorkerName::Sweeper => {
-                    handles.extend(spawn_sweeper(runtime, sweeper_settings.clone()))
-                }
-                WorkerName::Sms => {
-                    if let Some(worker) = sms.take() {
-                        handles.push(runtime.spawn_worker(worker, topology.clone()));
-                    }
-                }
-            }
-        }
-        handles
+        started.into_iter().flat_map(|worker| worker.spawn(runtime)).collect()
     })
     .await
 }

@@ -185,6 +185,26 @@ impl LedgerTx {
         });
     }
 
+    /// Like [`Self::schedule`], under a message id the caller derives from
+    /// what the deadline is about, so that the delayed message and a periodic
+    /// sweep that finds the same deadline meet on one inbox row.
+    pub fn schedule_with_id<P: Serialize>(
+        &mut self,
+        worker: &str,
+        delay: Duration,
+        kind: &str,
+        message_id: Uuid,
+        payload: &P,
+    ) -> anyhow::Result<Uuid> {
+        let mut envelope = self
+            .cause
+            .caused(kind, payload)
+            .with_context(|| format!("cannot serialise a {kind} payload"))?;
+        envelope.message_id = message_id;
+        self.schedule_envelope(worker, delay, envelope);
+        Ok(message_id)
+    }
+
     fn push<P: Serialize>(
         &mut self,
         exchange: String,

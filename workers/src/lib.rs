@@ -10,6 +10,7 @@ pub mod invitations;
 pub mod ledger;
 pub mod loadgen;
 pub mod portal;
+pub mod recovery;
 pub mod runtime;
 pub mod settings;
 pub mod sms;

@@ -54,9 +54,38 @@ impl FromStr for QueueType {
     }
 }
 
+/// Where the process runs. Development allows conveniences (a fixed code
+/// secret) that any other environment refuses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Environment {
+    Development,
+    /// Any other name (`staging`, `production`, ...): secrets are required.
+    Other(String),
+}
+
+impl Environment {
+    pub fn is_development(&self) -> bool {
+        *self == Environment::Development
+    }
+}
+
+impl FromStr for Environment {
+    type Err = anyhow::Error;
+
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        match value.trim() {
+            "" => bail!("the environment name is empty"),
+            "development" => Ok(Environment::Development),
+            other => Ok(Environment::Other(other.to_owned())),
+        }
+    }
+}
+
 /// Settings of the message runtime that every worker shares.
 #[derive(Debug, Clone)]
 pub struct Settings {
+    /// `TC_ENVIRONMENT`, `development` by default.
+    pub environment: Environment,
     /// Both URLs may carry passwords.
     pub amqp_url: Secret,
     pub database_url: Secret,
@@ -88,6 +117,7 @@ impl Settings {
     /// Reads every `TC_*` variable, falling back to local defaults.
     pub fn from_env() -> anyhow::Result<Self> {
         Ok(Settings {
+            environment: parse_var("TC_ENVIRONMENT", Environment::Development)?,
             amqp_url: Secret::new(var_or("TC_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f")),
             database_url: Secret::new(var_or(
                 "TC_DATABASE_URL",

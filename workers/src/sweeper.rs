@@ -1,32 +1,46 @@
-//! The expiry sweeping worker. Deadlines arrive as delayed messages on its
-//! queue, one match arm per kind of deadline; a periodic sweep of the ledger
-//! sends again, under the same message id, any deadline whose message was
-//! lost, so the inbox lets each deadline act once however many sweepers run.
+//! The expiry sweeping worker: ends what ran out of time. Deadlines arrive
+//! as delayed messages on its queue, one match arm per kind; a periodic sweep
+//! of the ledger catches any deadline whose message was lost or late. Both
+//! paths use the same message id for a deadline, so the inbox lets each act
+//! once, however many sweepers run.
 
 use std::{sync::Arc, time::Duration};
 
 use anyhow::anyhow;
+use chrono::Utc;
 use sqlx::PgPool;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use trusted_contact_contracts::{Envelope, Topology};
 
 use crate::{
     invitations::expiry::{self, INVITATION_DEADLINE},
+    recovery,
     runtime::{
-        Context, HandlerError, Publisher, Source, Worker, WorkerSpec, broker::Publication,
+        Context, HandlerError, Publisher, Runtime, Source, Worker, WorkerSpec, broker::Publication,
         message::properties_for,
     },
     settings::{millis_var, parse_var},
+    telemetry::redact_for_log,
 };
 
-pub const SWEEPER: WorkerSpec =
-    WorkerSpec { name: "sweeper", bindings: &[(Source::Direct, INVITATION_DEADLINE)] };
+/// The worker's name, which also names its queue and its inbox rows.
+pub const NAME: &str = "sweeper";
+
+pub const SWEEPER: WorkerSpec = WorkerSpec {
+    name: NAME,
+    bindings: &[
+        (Source::Direct, INVITATION_DEADLINE),
+        (Source::Direct, recovery::RECOVERY_DEADLINE),
+        (Source::Direct, recovery::CODE_DEADLINE),
+    ],
+};
 
 #[derive(Debug, Clone)]
 pub struct SweeperSettings {
     /// Time between two sweeps of the ledger (`TC_SWEEP_INTERVAL_MS`).
     pub interval: Duration,
-    /// Most deadlines one sweep sends per kind (`TC_SWEEP_BATCH`).
+    /// Most deadlines one sweep handles per kind (`TC_SWEEP_BATCH`).
     pub batch: i64,
 }
 
@@ -49,9 +63,28 @@ impl Worker for Sweeper {
     async fn handle(&self, context: &Context, message: &Envelope) -> Result<(), HandlerError> {
         match message.kind.as_str() {
             INVITATION_DEADLINE => expiry::handle_deadline(context, message).await,
+            recovery::RECOVERY_DEADLINE | recovery::CODE_DEADLINE => {
+                recovery::expire_recovery(context, message).await
+            }
             other => Err(HandlerError::permanent(anyhow!("the sweeper cannot handle {other}"))),
         }
     }
+}
+
+/// Starts the sweeper: the consumer of its queue and the periodic sweep.
+pub fn spawn(
+    runtime: &Runtime,
+    settings: SweeperSettings,
+    topology: Vec<WorkerSpec>,
+) -> Vec<JoinHandle<anyhow::Result<()>>> {
+    let sweeps = run_sweeps(
+        runtime.pool.clone(),
+        runtime.publisher.clone(),
+        runtime.settings.topology.clone(),
+        settings,
+        runtime.shutdown_token(),
+    );
+    vec![runtime.spawn_worker(Sweeper, topology), tokio::spawn(sweeps)]
 }
 
 /// Sweeps the ledger every `interval` until `shutdown`. A failed sweep is
@@ -70,27 +103,36 @@ pub async fn run_sweeps(
             () = shutdown.cancelled() => break,
             _ = ticks.tick() => {}
         }
-        match sweep_once(&pool, &publisher, &topology, &settings).await {
-            Ok(0) => {}
-            Ok(sent) => tracing::info!(deadlines = sent, "sweep sent overdue deadlines"),
-            Err(error) => tracing::warn!(error = format!("{error:#}"), "sweep failed"),
+        if let Err(error) = sweep_once(&pool, &publisher, &topology, &settings).await {
+            tracing::warn!(error = redact_for_log(&format!("{error:#}")), "sweep failed");
         }
     }
     tracing::info!("sweeps stopped");
     Ok(())
 }
 
-/// One sweep: every kind of deadline that is due, sent to this worker's
-/// queue. Returns how many were sent.
+/// One sweep over every kind of deadline.
 pub async fn sweep_once(
     pool: &PgPool,
     publisher: &Publisher,
     topology: &Topology,
     settings: &SweeperSettings,
-) -> anyhow::Result<usize> {
+) -> anyhow::Result<()> {
     let due = expiry::due_deadlines(pool, settings.batch).await?;
     send_to_self(publisher, topology, &due).await?;
-    Ok(due.len())
+    if !due.is_empty() {
+        tracing::info!(deadlines = due.len(), "sweep sent overdue invitation deadlines");
+    }
+    let recoveries =
+        recovery::sweep_due_recoveries(pool, topology, Utc::now(), settings.batch).await?;
+    if recoveries != recovery::SweepReport::default() {
+        tracing::info!(
+            requests_expired = recoveries.requests_expired,
+            codes_expired = recoveries.codes_expired,
+            "swept recovery deadlines"
+        );
+    }
+    Ok(())
 }
 
 /// Publishes straight to the sweeper's queue, bypassing the outbox: the
@@ -104,7 +146,7 @@ async fn send_to_self(
     if deadlines.is_empty() {
         return Ok(());
     }
-    let queue = topology.worker_queue(SWEEPER.name);
+    let queue = topology.worker_queue(NAME);
     let publications = deadlines
         .iter()
         .map(|envelope| {
