@@ -136,21 +136,17 @@ pub async fn serve(
     tracing::info!(http.port = address.port(), "serving /healthz, /readyz and /metrics");
     let relay_shutdown = CancellationToken::new();
     let relay = runtime.spawn_relay(relay_shutdown.clone());
-    let handles = start(&runtime);
+    let mut handles: tokio::task::JoinSet<_> = start(&runtime)
+        .into_iter()
+        .map(|handle| async move { handle.await.map_err(anyhow::Error::from).and_then(|r| r) })
+        .collect();
     let mut outcome = Ok(());
-    for handle in handles {
-        match handle.await {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => {
-                // One worker gave up on the broker: stop the others too, so
-                // the process exits and its supervisor restarts it.
-                shutdown.cancel();
-                outcome = Err(error);
-            }
-            Err(join) => {
-                shutdown.cancel();
-                outcome = Err(join.into());
-            }
+    while let Some(finished) = handles.join_next().await {
+        if let Ok(Err(error)) | Err(error) = finished.map_err(anyhow::Error::from) {
+            // One worker gave up on the broker: stop the others too, so the
+            // process exits and its supervisor restarts it.
+            shutdown.cancel();
+            outcome = Err(error);
         }
     }
     relay_shutdown.cancel();

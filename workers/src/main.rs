@@ -33,6 +33,10 @@ enum Command {
         /// Worker names, or `all` for every worker in this process.
         #[arg(long = "worker", required = true, num_args = 1..)]
         workers: Vec<String>,
+        /// Also serve the stand-in SMS gateway on this port, so that one
+        /// command brings up the whole system on a developer's machine.
+        #[arg(long, value_name = "PORT")]
+        with_sms_gateway: Option<u16>,
     },
     /// Run the stand-in SMS gateway (for the demo, Compose and tests) until
     /// SIGTERM or SIGINT.
@@ -135,10 +139,19 @@ async fn execute(command: Command) -> anyhow::Result<()> {
             tracing::info!("ledger migrated");
             Ok(())
         }
-        Command::Run { workers } => {
+        Command::Run { workers, with_sms_gateway } => {
             let workers = parse_workers(&workers)?;
             let shutdown = CancellationToken::new();
             tokio::spawn(stop_on_signal(shutdown.clone()));
+            if let Some(port) = with_sms_gateway {
+                let config = GatewayConfig { port, ..GatewayConfig::default() };
+                let stopped = shutdown.clone().cancelled_owned();
+                tokio::spawn(async move {
+                    if let Err(error) = trusted_contact::sms::gateway::run(config, stopped).await {
+                        tracing::error!(error = format!("{error:#}"), "the SMS gateway stopped");
+                    }
+                });
+            }
             app::run(settings, &workers, shutdown).await
         }
         Command::Demo { gateway_url, step_timeout_secs } => {

@@ -38,6 +38,9 @@ pub async fn handle(context: &Context, message: &Envelope) -> Result<(), Handler
     };
     match (link, refusal) {
         (Some((link_id, contact_id)), None) => {
+            // Only the truster gets here with a request open (the contact is
+            // refused above); no request may outlive its contact.
+            crate::recovery::end_active_for_disconnection(&mut tx, command.truster_id).await?;
             disconnect(&mut tx, &command, link_id, contact_id).await?;
         }
         (link, refusal) => {
