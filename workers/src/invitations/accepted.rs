@@ -17,6 +17,7 @@ use super::ledger_queries::{
 use crate::{
     ledger::LedgerTx,
     runtime::{Context, HandlerError},
+    sms::templates::without_final_period,
 };
 
 pub async fn handle(context: &Context, message: &Envelope) -> Result<(), HandlerError> {
@@ -182,7 +183,10 @@ async fn link(
     tx.publish_event(event_type::INVITATION_ACCEPTED, &event)?;
     let to_truster = format!("{} стал(а) вашим доверенным лицом.", contact.short_name());
     notify(tx, truster.account_id, "invitation_accepted", to_truster)?;
-    let to_contact = format!("Вы стали доверенным лицом пользователя {}.", truster.short_name());
+    let to_contact = format!(
+        "Вы стали доверенным лицом пользователя {}.",
+        without_final_period(&truster.short_name())
+    );
     notify(tx, contact.account_id, "contact_connected", to_contact)?;
     tracing::info!(invitation.id = %invitation.invitation_id, link.id = %link_id, "accepted");
     Ok(())

@@ -12,6 +12,7 @@ use super::ledger_queries::{account, audit, notify};
 use crate::{
     ledger::LedgerTx,
     runtime::{Context, HandlerError},
+    sms::templates::without_final_period,
 };
 
 pub async fn handle(context: &Context, message: &Envelope) -> Result<(), HandlerError> {
@@ -114,7 +115,10 @@ async fn disconnect(
         "{contact_name} больше не ваше доверенное лицо. Вы можете пригласить другого человека."
     );
     notify(tx, command.truster_id, "contact_disconnected", to_truster.trim_start().to_owned())?;
-    let to_contact = format!("Вы больше не доверенное лицо пользователя {truster_name}.");
+    let to_contact = format!(
+        "Вы больше не доверенное лицо пользователя {}.",
+        without_final_period(&truster_name)
+    );
     notify(tx, contact_id, "contact_disconnected", to_contact)?;
     tracing::info!(link.id = %link_id, "contact disconnected");
     Ok(())

@@ -2,6 +2,7 @@
 //! place so that what each one reveals is reviewed together. Texts to the
 //! contact name the truster by first name and last-name initial only.
 
+use crate::sms::templates::without_final_period;
 /// One notification: its kind (for the portal to style or group) and text.
 pub struct Notice {
     pub kind: &'static str,
@@ -41,7 +42,10 @@ pub fn truster_approved() -> Notice {
 pub fn contact_approved(truster: &str) -> Notice {
     notice(
         "recovery_approved",
-        format!("Вы подтвердили восстановление пароля пользователя {truster}."),
+        format!(
+            "Вы подтвердили восстановление пароля пользователя {}.",
+            without_final_period(truster)
+        ),
     )
 }
 

@@ -83,23 +83,28 @@ impl SmsTemplate {
                  и убедитесь, что просит он сам, а не мошенники от его имени."
             ),
             Self::RecoveryCode { code, truster_short_name: name, valid_minutes } => format!(
-                "Код {code} для подтверждения восстановления пароля пользователя {name}. \
+                "Код {code} для подтверждения восстановления пароля пользователя {}. \
                  Никому не сообщайте код, даже сотрудникам портала. \
                  Код действует {valid_minutes} {}.",
+                without_final_period(name),
                 minutes_word(*valid_minutes)
             ),
             Self::InvitationAccepted { truster_short_name: name } => {
-                format!("Вы стали доверенным лицом пользователя {name}.")
+                format!("Вы стали доверенным лицом пользователя {}.", without_final_period(name))
             }
             Self::ContactDisconnected { truster_short_name: name } => {
-                format!("Вы больше не доверенное лицо пользователя {name}.")
+                format!("Вы больше не доверенное лицо пользователя {}.", without_final_period(name))
             }
             Self::RecoveryApproved { truster_short_name: name } => {
-                format!("Вы подтвердили восстановление пароля пользователя {name}.")
+                format!(
+                    "Вы подтвердили восстановление пароля пользователя {}.",
+                    without_final_period(name)
+                )
             }
             Self::RecoveryDeclined { truster_short_name: name } => format!(
-                "Вы отклонили восстановление пароля пользователя {name}. \
-                 Спасибо за бдительность."
+                "Вы отклонили восстановление пароля пользователя {}. \
+                 Спасибо за бдительность.",
+                without_final_period(name)
             ),
             Self::RecoveryCancelled { truster_short_name: name } => format!(
                 "Запрос на восстановление пароля пользователя {name} отменён. \
@@ -138,6 +143,12 @@ fn minutes_word(n: u32) -> &'static str {
         (2..=4, _) => "минуты",
         _ => "минут",
     }
+}
+
+/// A short name ends with the initial's period; where it also ends the
+/// sentence, that one period serves both.
+pub fn without_final_period(name: &str) -> &str {
+    name.strip_suffix('.').unwrap_or(name)
 }
 
 #[cfg(test)]
