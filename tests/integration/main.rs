@@ -5,6 +5,7 @@
 mod support;
 
 mod dead_letters;
+mod end_to_end;
 mod invitations;
 mod message_runtime;
 mod recovery;

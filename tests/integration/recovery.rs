@@ -705,6 +705,8 @@ async fn no_log_line_of_the_real_binary_contains_the_code_or_the_contacts_phone(
     let sms = env.tap_internal("sms.requested").await;
     let mut child = env
         .binary_command(&["run", "--worker", "recovery", "sweeper"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
         .env("TC_LOG", "trace")
         .spawn()
         .expect("spawn trusted-contact");

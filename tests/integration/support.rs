@@ -105,9 +105,12 @@ impl TestEnv {
             .env("TC_RETRY_BASE_MS", "200")
             .env("TC_RETRY_MAX_MS", "2000")
             .env("TC_HTTP_PORT", "0")
+            // A test that reads the output pipes it, and must drain it: a
+            // full pipe would stall the child's logging and with it the
+            // child.
             .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
             .kill_on_drop(true);
         command
     }

@@ -56,6 +56,11 @@ enum Command {
     /// Measure the machine's limits, then the system's throughput against
     /// them.
     Bench(BenchOptions),
+    /// The message catalogue for the portal's clients in other languages.
+    Contracts {
+        #[command(subcommand)]
+        action: ContractsAction,
+    },
     /// Inspect, export, replay and purge the dead-letter queues.
     Dlq {
         /// Whose dead-letter queues (repeatable); every worker's by default.
@@ -63,6 +68,17 @@ enum Command {
         workers: Vec<String>,
         #[command(subcommand)]
         action: DlqAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum ContractsAction {
+    /// Write a JSON Schema of every command and event envelope, keyed by
+    /// exchange ("commands", "events") and message type.
+    Schema {
+        /// A file to write; stdout when absent.
+        #[arg(long)]
+        output: Option<std::path::PathBuf>,
     },
 }
 
@@ -126,6 +142,14 @@ fn main() -> ExitCode {
 async fn execute(command: Command) -> anyhow::Result<()> {
     // The stand-in needs neither the broker nor the ledger, so it does not
     // read their settings.
+    if let Command::Contracts { action: ContractsAction::Schema { output } } = &command {
+        let schema = serde_json::to_string_pretty(&trusted_contact_contracts::json_schemas())?;
+        match output {
+            Some(path) => std::fs::write(path, schema)?,
+            None => println!("{schema}"),
+        }
+        return Ok(());
+    }
     if let Command::SmsGateway(config) = command {
         let shutdown = CancellationToken::new();
         tokio::spawn(stop_on_signal(shutdown.clone()));
@@ -163,7 +187,7 @@ async fn execute(command: Command) -> anyhow::Result<()> {
         }
         Command::Loadgen(options) => loadgen::run_and_judge(&settings, options).await,
         Command::Bench(options) => bench::run(&settings, options).await,
-        Command::SmsGateway(_) => Ok(()),
+        Command::SmsGateway(_) | Command::Contracts { .. } => Ok(()),
         Command::Dlq { workers, action } => dead_letters(settings, workers, action).await,
     }
 }

@@ -3,6 +3,7 @@
 //! contact name the truster by first name and last-name initial only.
 
 use crate::sms::templates::without_final_period;
+
 /// One notification: its kind (for the portal to style or group) and text.
 pub struct Notice {
     pub kind: &'static str,
