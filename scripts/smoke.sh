@@ -21,10 +21,7 @@ cleanup() {
     fi
     psql -q -h 127.0.0.1 -U postgres -d postgres \
         -c "DROP DATABASE IF EXISTS tc_${run_id} WITH (FORCE)" >/dev/null 2>&1 || true
-    for kind in queue exchange; do
-        rabbitmqctl -q "list_${kind}s" name 2>/dev/null | grep "^${run_id}\." \
-            | while read -r name; do rabbitmqctl -q "delete_${kind}" "$name" >/dev/null || true; done
-    done
+    target/release/trusted-contact teardown >/dev/null 2>&1 || true
 }
 trap cleanup EXIT
 

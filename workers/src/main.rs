@@ -12,6 +12,7 @@ use trusted_contact::{
     dlq::{DeadLetters, Selection},
     ledger,
     loadgen::{self, LoadOptions},
+    runtime::broker,
     settings::Settings,
     sms::gateway::GatewayConfig,
     telemetry,
@@ -61,6 +62,9 @@ enum Command {
         #[command(subcommand)]
         action: ContractsAction,
     },
+    /// Delete every queue and exchange of this TC_TOPOLOGY_PREFIX (scratch
+    /// environments: load runs, smoke tests). Refuses without a prefix.
+    Teardown,
     /// Inspect, export, replay and purge the dead-letter queues.
     Dlq {
         /// Whose dead-letter queues (repeatable); every worker's by default.
@@ -188,6 +192,7 @@ async fn execute(command: Command) -> anyhow::Result<()> {
         Command::Loadgen(options) => loadgen::run_and_judge(&settings, options).await,
         Command::Bench(options) => bench::run(&settings, options).await,
         Command::SmsGateway(_) | Command::Contracts { .. } => Ok(()),
+        Command::Teardown => teardown(&settings).await,
         Command::Dlq { workers, action } => dead_letters(settings, workers, action).await,
     }
 }
@@ -274,6 +279,18 @@ async fn dead_letter_action(tool: &DeadLetters, action: DlqAction) -> anyhow::Re
             Ok(())
         }
     }
+}
+
+async fn teardown(settings: &Settings) -> anyhow::Result<()> {
+    if settings.topology.prefix().is_empty() {
+        anyhow::bail!("teardown only deletes a prefixed topology; set TC_TOPOLOGY_PREFIX");
+    }
+    let connection = broker::connect(settings, "teardown").await?;
+    let channel = connection.create_channel().await?;
+    broker::delete_topology(&channel, &settings.topology, &app::service_topology()).await?;
+    let _ = connection.close(200, "torn down".into()).await;
+    println!("deleted the queues and exchanges of prefix {}", settings.topology.prefix());
+    Ok(())
 }
 
 fn parse_workers(names: &[String]) -> anyhow::Result<Vec<WorkerName>> {
