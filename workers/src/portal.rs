@@ -142,14 +142,14 @@ impl PortalClient {
         payload: &P,
     ) -> anyhow::Result<(Envelope, Outcomes)> {
         let envelope = Envelope::new_command(kind, payload)?;
-        let outcomes = self.expect(&envelope);
+        let outcomes = self.listen_for(&envelope);
         self.publish(&envelope).await?;
         Ok((envelope, outcomes))
     }
 
     /// Starts collecting the events caused by `envelope` (call before
     /// publishing it, so none is missed).
-    pub fn expect(&self, envelope: &Envelope) -> Outcomes {
+    pub fn listen_for(&self, envelope: &Envelope) -> Outcomes {
         let (sender, receiver) = mpsc::unbounded_channel();
         let cause = envelope.message_id.to_string();
         if let Ok(mut waiters) = self.waiters.lock() {

@@ -247,7 +247,7 @@ impl Load {
     /// the loss. Returns the outcome event's type and payload.
     async fn command(&self, kind: &str, payload: Value) -> Option<(String, Value)> {
         let envelope = trusted_contact_contracts::Envelope::new_command(kind, &payload).ok()?;
-        let mut outcomes = self.portal.expect(&envelope);
+        let mut outcomes = self.portal.listen_for(&envelope);
         let sent_at = Instant::now();
         if let Err(error) = self.portal.publish(&envelope).await {
             tracing::warn!(error = format!("{error:#}"), "publish failed");

@@ -31,7 +31,7 @@ pub struct Health {
 
 impl Health {
     /// Records that `worker` runs in this process and is not attached yet.
-    pub fn expect(&self, worker: &'static str) {
+    pub fn register(&self, worker: &'static str) {
         if let Ok(mut consumers) = self.consumers.lock() {
             consumers.entry(worker).or_insert(false);
         }

@@ -131,7 +131,7 @@ impl Runtime {
             attempt: 0,
             outbox: self.outbox.clone(),
         };
-        self.health.expect(worker.spec().name);
+        self.health.register(worker.spec().name);
         let consumer = consumer::Consumer {
             health: self.health.clone(),
             worker: Arc::new(worker),
