@@ -222,6 +222,34 @@ impl LedgerTx {
         Ok(id)
     }
 
+    /// Appends one row to the audit trail, naming this transaction's message
+    /// and flow. `detail` must hold no personal data: ids, statuses, reason
+    /// codes and counts only.
+    pub async fn audit(
+        &mut self,
+        actor_id: Option<Uuid>,
+        subject: &str,
+        subject_id: Option<Uuid>,
+        action: &str,
+        detail: &serde_json::Value,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO audit_log \
+             (actor_id, subject, subject_id, action, detail, message_id, correlation_id) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(actor_id)
+        .bind(subject)
+        .bind(subject_id)
+        .bind(action)
+        .bind(detail)
+        .bind(self.cause.message_id)
+        .bind(self.cause.flow_id())
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(())
+    }
+
     /// Writes the outgoing messages to the outbox and commits everything.
     /// Returns how many messages wait in the outbox for the relay.
     pub async fn commit(mut self) -> anyhow::Result<usize> {

@@ -156,22 +156,7 @@ pub async fn audit(
     action: &str,
     detail: Value,
 ) -> Result<(), HandlerError> {
-    let message_id = tx.cause().message_id;
-    let correlation_id = tx.cause().flow_id();
-    sqlx::query(
-        "INSERT INTO audit_log \
-         (actor_id, subject, subject_id, action, detail, message_id, correlation_id) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7)",
-    )
-    .bind(actor_id)
-    .bind(subject)
-    .bind(subject_id)
-    .bind(action)
-    .bind(detail)
-    .bind(message_id)
-    .bind(correlation_id)
-    .execute(tx.conn())
-    .await?;
+    tx.audit(actor_id, subject, subject_id, action, &detail).await?;
     Ok(())
 }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use serde_json::json;
-use sqlx::{PgConnection, PgPool};
+use sqlx::PgPool;
 use trusted_contact_contracts::{Envelope, normalize_phone, reasons};
 use uuid::Uuid;
 
@@ -270,7 +270,7 @@ async fn record_sent(
             "attempts": attempts,
             "provider_id": provider_id,
         });
-        audit(tx.conn(), message, sms_id, "sms.sent", &detail).await?;
+        tx.audit(None, "sms", Some(sms_id), "sms.sent", &detail).await?;
         tracing::debug!(
             sms.idempotency_key = %request.idempotency_key,
             sms.provider_id = provider_id,
@@ -327,7 +327,7 @@ async fn record_failed(
             "attempts": attempts,
             "reason": reason,
         });
-        audit(tx.conn(), message, sms_id, "sms.failed", &detail).await?;
+        tx.audit(None, "sms", Some(sms_id), "sms.failed", &detail).await?;
         let report = SmsFailed {
             idempotency_key: request.idempotency_key.clone(),
             recipient_id: request.recipient_id,
@@ -344,26 +344,4 @@ async fn record_failed(
         );
     }
     context.commit(tx).await
-}
-
-async fn audit(
-    conn: &mut PgConnection,
-    cause: &Envelope,
-    sms_id: Uuid,
-    action: &str,
-    detail: &serde_json::Value,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO audit_log \
-           (actor_id, subject, subject_id, action, detail, message_id, correlation_id) \
-         VALUES (NULL, 'sms', $1, $2, $3, $4, $5)",
-    )
-    .bind(sms_id)
-    .bind(action)
-    .bind(detail)
-    .bind(cause.message_id)
-    .bind(cause.flow_id())
-    .execute(conn)
-    .await?;
-    Ok(())
 }
