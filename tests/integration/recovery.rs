@@ -796,3 +796,87 @@ async fn a_request_sent_over_a_link_that_ended_leaves_the_active_set() {
     assert_eq!(w.row(old_request).await.0, "cancelled");
     w.service.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_contact_may_leave_only_once_the_request_has_expired() {
+    let env = TestEnv::new().await;
+    let parties = connected(&env).await;
+    env.declare(&app::service_topology()).await;
+    let events = env.tap_events().await;
+    let mut settings = recovery_settings();
+    settings.window = Duration::from_secs(3);
+    let invitations = trusted_contact::invitations::InvitationSettings::from_env().unwrap();
+    let service = env.serve(move |runtime| {
+        let topology = app::service_topology();
+        let mut handles = vec![
+            runtime.spawn_worker(RecoveryWorker::new(settings), topology.clone()),
+            runtime.spawn_worker(
+                trusted_contact::invitations::Invitations { settings: invitations },
+                topology.clone(),
+            ),
+        ];
+        handles.extend(sweeper::spawn(runtime, quiet_sweeper(), topology));
+        handles
+    });
+    let truster = json!({ "truster_id": parties.truster });
+    let opened = env.command(cmd::RECOVERY_REQUESTED, &truster).await;
+    events.outcome(&opened, ev::RECOVERY_AWAITING_CONTACT).await;
+
+    let leave = json!({ "actor_id": parties.contact, "truster_id": parties.truster });
+    let too_early = env.command(cmd::CONTACT_DISCONNECT_REQUESTED, &leave).await;
+    let refused = events.outcome(&too_early, ev::CONTACT_DISCONNECT_REJECTED).await;
+    assert_eq!(refused.payload["reason"], json!("recovery_active"));
+
+    events
+        .wait_until("recovery.expired", Duration::from_secs(15), |all| {
+            all.iter().any(|e| e.kind == ev::RECOVERY_EXPIRED)
+        })
+        .await;
+    let after = env.command(cmd::CONTACT_DISCONNECT_REQUESTED, &leave).await;
+    let left = events.outcome(&after, ev::CONTACT_DISCONNECTED).await;
+    assert_eq!(left.payload["contact_id"], json!(parties.contact));
+    let status: String = sqlx::query_scalar("SELECT status FROM trust_links WHERE truster_id = $1")
+        .bind(parties.truster)
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(status, "disconnected");
+    service.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_truster_who_disconnects_the_contact_ends_the_open_request() {
+    let env = TestEnv::new().await;
+    let parties = connected(&env).await;
+    env.declare(&app::service_topology()).await;
+    let events = env.tap_events().await;
+    let invitations = trusted_contact::invitations::InvitationSettings::from_env().unwrap();
+    let service = env.serve(move |runtime| {
+        let topology = app::service_topology();
+        vec![
+            runtime.spawn_worker(RecoveryWorker::new(recovery_settings()), topology.clone()),
+            runtime.spawn_worker(
+                trusted_contact::invitations::Invitations { settings: invitations },
+                topology,
+            ),
+        ]
+    });
+    let opened =
+        env.command(cmd::RECOVERY_REQUESTED, &json!({ "truster_id": parties.truster })).await;
+    let awaiting = events.outcome(&opened, ev::RECOVERY_AWAITING_CONTACT).await;
+    let recovery_id = awaiting.payload["recovery_id"].clone();
+
+    let leave = json!({ "actor_id": parties.truster, "truster_id": parties.truster });
+    let disconnect = env.command(cmd::CONTACT_DISCONNECT_REQUESTED, &leave).await;
+    events.outcome(&disconnect, ev::CONTACT_DISCONNECTED).await;
+    let cancelled = events.outcome(&disconnect, ev::RECOVERY_CANCELLED).await;
+    assert_eq!(cancelled.payload["recovery_id"], recovery_id);
+    let status: String =
+        sqlx::query_scalar("SELECT status FROM recovery_requests WHERE truster_id = $1")
+            .bind(parties.truster)
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(status, "cancelled");
+    service.stop().await;
+}
