@@ -10,9 +10,8 @@ use trusted_contact_contracts::{
 use uuid::Uuid;
 
 use super::ledger_queries::{
-    Account, Invitation, MAX_TRUSTERS_PER_CONTACT, account, active_link_of_truster,
-    active_links_of_contact, audit, invitation, lock_account, moscow_date, notify,
-    reject_invitation,
+    Account, Invitation, MAX_TRUSTERS_PER_CONTACT, account, audit, invitation, link_counts,
+    lock_account, moscow_date, notify, reject_invitation,
 };
 use crate::{
     ledger::LedgerTx,
@@ -96,10 +95,11 @@ async fn rule_broken(
     if let Some(reason) = eligibility_problems(&contact.profile(), Role::Contact, today) {
         return Ok(Some(reason));
     }
-    if active_link_of_truster(tx.conn(), truster.account_id).await?.is_some() {
+    let counts = link_counts(tx.conn(), truster.account_id, contact.account_id).await?;
+    if counts.truster_has_contact {
         return Ok(Some(reasons::CONTACT_ALREADY_ACTIVE));
     }
-    if active_links_of_contact(tx.conn(), contact.account_id).await? >= MAX_TRUSTERS_PER_CONTACT {
+    if counts.contact_links >= MAX_TRUSTERS_PER_CONTACT {
         return Ok(Some(reasons::CONTACT_LIMIT_REACHED));
     }
     Ok(None)

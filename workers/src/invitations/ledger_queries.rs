@@ -81,42 +81,34 @@ pub async fn moscow_date(conn: &mut PgConnection) -> sqlx::Result<NaiveDate> {
     Ok(moscow_today(db_now(conn).await?))
 }
 
-/// The truster's active link, as (link id, contact id).
-pub async fn active_link_of_truster(
-    conn: &mut PgConnection,
-    truster_id: Uuid,
-) -> sqlx::Result<Option<(Uuid, Uuid)>> {
-    sqlx::query_as(
-        "SELECT link_id, contact_id FROM trust_links WHERE truster_id = $1 AND status = 'active'",
-    )
-    .bind(truster_id)
-    .fetch_optional(conn)
-    .await
+/// What the link rules need, read in one round trip: whether the truster
+/// already has an active contact, how many trusters the contact serves, and
+/// how many invitations the truster opened in the last hour (replaced ones
+/// included: replacing is still sending).
+#[derive(Debug, Clone, Copy, FromRow)]
+pub struct LinkCounts {
+    pub truster_has_contact: bool,
+    pub contact_links: i64,
+    pub sent_last_hour: i64,
 }
 
-pub async fn active_links_of_contact(
+pub async fn link_counts(
     conn: &mut PgConnection,
+    truster_id: Uuid,
     contact_id: Uuid,
-) -> sqlx::Result<i64> {
-    sqlx::query_scalar(
-        "SELECT count(*) FROM trust_links WHERE contact_id = $1 AND status = 'active'",
-    )
-    .bind(contact_id)
-    .fetch_one(conn)
-    .await
-}
-
-/// Invitations the truster opened in the last hour, replaced ones included:
-/// replacing is still sending.
-pub async fn invitations_in_last_hour(
-    conn: &mut PgConnection,
-    truster_id: Uuid,
-) -> sqlx::Result<i64> {
-    sqlx::query_scalar(
-        "SELECT count(*) FROM invitations \
-         WHERE truster_id = $1 AND created_at > now() - interval '1 hour'",
+) -> sqlx::Result<LinkCounts> {
+    sqlx::query_as(
+        "SELECT \
+           EXISTS (SELECT 1 FROM trust_links WHERE truster_id = $1 AND status = 'active') \
+             AS truster_has_contact, \
+           (SELECT count(*) FROM trust_links WHERE contact_id = $2 AND status = 'active') \
+             AS contact_links, \
+           (SELECT count(*) FROM invitations \
+             WHERE truster_id = $1 AND created_at > now() - interval '1 hour') \
+             AS sent_last_hour",
     )
     .bind(truster_id)
+    .bind(contact_id)
     .fetch_one(conn)
     .await
 }

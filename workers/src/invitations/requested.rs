@@ -13,9 +13,8 @@ use uuid::Uuid;
 use super::{
     InvitationSettings, expiry,
     ledger_queries::{
-        Account, MAX_TRUSTERS_PER_CONTACT, accounts_by_phone, active_link_of_truster,
-        active_links_of_contact, audit, invitations_in_last_hour, lock_account, moscow_date,
-        notify, reject_invitation,
+        Account, MAX_TRUSTERS_PER_CONTACT, accounts_by_phone, audit, link_counts, lock_account,
+        moscow_date, notify, reject_invitation,
     },
 };
 use crate::{
@@ -76,14 +75,14 @@ async fn check(
     if let Some(reason) = eligibility_problems(&contact.profile(), Role::Contact, today) {
         return Ok(Err(reason));
     }
-    if active_link_of_truster(tx.conn(), truster.account_id).await?.is_some() {
+    let counts = link_counts(tx.conn(), truster.account_id, contact.account_id).await?;
+    if counts.truster_has_contact {
         return Ok(Err(reasons::CONTACT_ALREADY_ACTIVE));
     }
-    if active_links_of_contact(tx.conn(), contact.account_id).await? >= MAX_TRUSTERS_PER_CONTACT {
+    if counts.contact_links >= MAX_TRUSTERS_PER_CONTACT {
         return Ok(Err(reasons::CONTACT_LIMIT_REACHED));
     }
-    let sent = invitations_in_last_hour(tx.conn(), truster.account_id).await?;
-    if sent >= settings.invitations_per_hour {
+    if counts.sent_last_hour >= settings.invitations_per_hour {
         return Ok(Err(reasons::INVITATION_RATE_LIMITED));
     }
     Ok(Ok((truster, contact)))
