@@ -33,13 +33,13 @@ pub struct Envelope<P = serde_json::Value> {
 /// permanent failure: the same bytes will never parse on a retry.
 #[derive(Debug, thiserror::Error)]
 pub enum EnvelopeError {
-    #[error("body is not a JSON envelope: {0}")]
+    #[error("body is not a JSON envelope")]
     NotAnEnvelope(#[source] serde_json::Error),
     #[error("unsupported envelope version {0} (this service speaks {SUPPORTED_VERSION})")]
     UnsupportedVersion(u32),
     #[error("{0} is longer than {MAX_ID_LEN} characters")]
     IdTooLong(&'static str),
-    #[error("payload of {kind} is invalid: {source}")]
+    #[error("payload of {kind} is invalid")]
     InvalidPayload {
         kind: String,
         #[source]

@@ -207,9 +207,11 @@ async fn sent_code(sms: &EventTap, confirm: &Envelope, phone: &str) -> String {
     assert_eq!(request.phone, phone);
     assert_eq!(request.requested_by, "recovery");
     match request.template {
-        SmsTemplate::RecoveryCode { code, valid_minutes, .. } => {
+        SmsTemplate::RecoveryCode { sealed_code, valid_minutes, .. } => {
             assert_eq!(valid_minutes, 5);
-            code
+            assert!(sealed_code.len() > 40, "the code travels sealed");
+            let secret = recovery::settings::code_secret(&Environment::Development).unwrap();
+            recovery::seal::CodeSeal::new(&secret).unwrap().open(&sealed_code).unwrap()
         }
         other => panic!("expected the code SMS, got {other:?}"),
     }

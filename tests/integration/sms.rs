@@ -80,6 +80,7 @@ impl Gateway {
             timeout,
             rate_per_sec: NonZeroU32::new(1_000).unwrap(),
             burst: NonZeroU32::new(100).unwrap(),
+            code_secret: Secret::new("a test secret long enough to key the seal"),
         }
     }
 }
@@ -261,7 +262,11 @@ async fn the_same_request_arriving_twice_is_delivered_once() {
 
     assert_each_delivered_once(&env, &gateway, std::slice::from_ref(&request)).await;
     let delivered = gateway.messages().await;
-    assert_eq!(delivered[0].text, request.template.render());
+    let seal = trusted_contact::recovery::seal::CodeSeal::new(&Secret::new(
+        "a test secret long enough to key the seal",
+    ))
+    .unwrap();
+    assert_eq!(delivered[0].text, request.template.render(&seal).unwrap());
     let row = &ledger(&env).await[&request.idempotency_key];
     assert_eq!(row.template, "invitation_notice", "the kind is kept, never the text");
     assert!(env.dead_letters(SPEC.name).await.is_empty());
@@ -362,6 +367,7 @@ async fn at_fifty_per_second_500_sms_take_ten_seconds_and_never_exceed_the_rate(
     let settings = SmsSettings {
         rate_per_sec: NonZeroU32::new(rate).unwrap(),
         burst: NonZeroU32::new(burst).unwrap(),
+        code_secret: Secret::new("a test secret long enough to key the seal"),
         ..gateway.settings(Duration::from_secs(5))
     };
     let started = Instant::now();

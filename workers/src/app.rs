@@ -70,7 +70,7 @@ impl Started {
                 Started::Recovery(RecoverySettings::from_env(&settings.environment)?)
             }
             WorkerName::Sms => Started::Sms(Box::new(SmsWorker::from_settings(
-                &SmsSettings::from_env()?,
+                &SmsSettings::from_env(&settings.environment)?,
                 settings.retry_limit,
             )?)),
         })

@@ -336,12 +336,32 @@ fn header_value(value: &AMQPValue) -> Value {
     }
 }
 
+/// Fields that hold personal data wherever they appear in a body: phones
+/// are masked (or blanked when they do not parse), the rest hidden.
+const PERSONAL_KEYS: &[&str] = &[
+    "phone",
+    "contact_phone",
+    "first_name",
+    "last_name",
+    "middle_name",
+    "contact_first_name",
+    "truster_short_name",
+    "birth_date",
+    "text",
+];
+
 fn mask_value(value: &mut Value) {
     match value {
         Value::Object(map) => {
             for (key, inner) in map.iter_mut() {
-                if key == "code" {
-                    *inner = Value::String("***".into());
+                if key == "code" || key == "sealed_code" || PERSONAL_KEYS.contains(&key.as_str()) {
+                    *inner = match inner {
+                        Value::String(text) if key.contains("phone") => {
+                            Value::String(mask_phone(text))
+                        }
+                        Value::Null => Value::Null,
+                        _ => Value::String("***".into()),
+                    };
                 } else {
                     mask_value(inner);
                 }

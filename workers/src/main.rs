@@ -172,7 +172,12 @@ async fn execute(command: Command) -> anyhow::Result<()> {
             let shutdown = CancellationToken::new();
             tokio::spawn(stop_on_signal(shutdown.clone()));
             if let Some(port) = with_sms_gateway {
-                let config = GatewayConfig { port, ..GatewayConfig::default() };
+                // On loopback only: its /control endpoint has no credentials.
+                let config = GatewayConfig {
+                    port,
+                    host: std::net::Ipv4Addr::LOCALHOST.into(),
+                    ..GatewayConfig::default()
+                };
                 let stopped = shutdown.clone().cancelled_owned();
                 tokio::spawn(async move {
                     if let Err(error) = trusted_contact::sms::gateway::run(config, stopped).await {
@@ -205,7 +210,8 @@ async fn dead_letters(
     let workers = if workers.is_empty() {
         WorkerName::ALL.iter().map(|worker| worker.spec().name.to_owned()).collect()
     } else {
-        workers
+        // A typo would otherwise read as an empty dead-letter queue.
+        parse_workers(&workers)?.iter().map(|worker| worker.spec().name.to_owned()).collect()
     };
     let tool = DeadLetters::connect(&settings, workers).await?;
     let result = dead_letter_action(&tool, action).await;
@@ -288,6 +294,19 @@ async fn teardown(settings: &Settings) -> anyhow::Result<()> {
     let connection = broker::connect(settings, "teardown").await?;
     let channel = connection.create_channel().await?;
     broker::delete_topology(&channel, &settings.topology, &app::service_topology()).await?;
+    // Delay queues are named by their delay and expire on their own; where
+    // rabbitmqctl is at hand, they go now too.
+    if let Ok(listing) =
+        std::process::Command::new("rabbitmqctl").args(["-q", "list_queues", "name"]).output()
+    {
+        let names = String::from_utf8_lossy(&listing.stdout);
+        for name in names.lines().map(str::trim) {
+            if name.starts_with(settings.topology.prefix()) {
+                let options = lapin::options::QueueDeleteOptions::default();
+                channel.queue_delete(name.into(), options).await?;
+            }
+        }
+    }
     let _ = connection.close(200, "torn down".into()).await;
     println!("deleted the queues and exchanges of prefix {}", settings.topology.prefix());
     Ok(())

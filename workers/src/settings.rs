@@ -127,7 +127,7 @@ impl Settings {
             queue_type: parse_var("TC_QUEUE_TYPE", QueueType::Classic)?,
             prefetch: parse_var("TC_PREFETCH", 64)?,
             database_pool_size: parse_var("TC_DATABASE_POOL_SIZE", 10)?,
-            retry_limit: parse_var("TC_RETRY_LIMIT", 6)?,
+            retry_limit: parse_var("TC_RETRY_LIMIT", 10)?,
             retry_base_delay: millis_var("TC_RETRY_BASE_MS", 1_000)?,
             retry_max_delay: millis_var("TC_RETRY_MAX_MS", 300_000)?,
             reconnect_give_up: secs_var("TC_RECONNECT_GIVE_UP_SECS", 300)?,

@@ -1,6 +1,10 @@
 //! `account.updated`: keeps the ledger's copy of what eligibility needs. An
 //! update older (by `occurred_at`) than the copy is ignored, so updates may
-//! arrive in any order; a phone that cannot be normalised is refused for good.
+//! arrive in any order. A phone that cannot be normalised makes the message
+//! fail for good (it is dead-lettered with the reason), but the rest of the
+//! update is applied with no phone first: keeping the older, perhaps more
+//! permissive copy would let a de-verified account, or one whose phone
+//! changed, go on as before.
 
 use anyhow::anyhow;
 use trusted_contact_contracts::{Envelope, commands::AccountUpdated, normalize_phone};
@@ -10,11 +14,19 @@ use crate::runtime::{Context, HandlerError};
 
 pub async fn handle(context: &Context, message: &Envelope) -> Result<(), HandlerError> {
     let account: AccountUpdated = message.payload_as()?;
-    let phone = match account.phone.as_deref() {
-        None => None,
-        Some(raw) => Some(normalize_phone(raw).map_err(|error| {
-            HandlerError::permanent(anyhow!("account {}: {error}", account.account_id))
-        })?),
+    let names_ok = [&account.first_name, &account.last_name]
+        .iter()
+        .all(|name| !name.trim().is_empty() && name.chars().count() <= MAX_NAME_CHARS);
+    if !names_ok {
+        return Err(HandlerError::permanent(anyhow!(
+            "account {}: a name is empty or longer than {MAX_NAME_CHARS} characters",
+            account.account_id
+        )));
+    }
+    let (phone, phone_error) = match account.phone.as_deref().map(normalize_phone) {
+        None => (None, None),
+        Some(Ok(phone)) => (Some(phone), None),
+        Some(Err(error)) => (None, Some(error)),
     };
     let Some(mut tx) = context.begin(message).await? else { return Ok(()) };
 
@@ -52,5 +64,16 @@ pub async fn handle(context: &Context, message: &Envelope) -> Result<(), Handler
     } else {
         tracing::debug!(account.id = %account.account_id, "older account update ignored");
     }
-    context.commit(tx).await
+    context.commit(tx).await?;
+    match phone_error {
+        None => Ok(()),
+        Some(error) => Err(HandlerError::permanent(anyhow!(
+            "account {}: {error}; the profile was stored without a phone",
+            account.account_id
+        ))),
+    }
 }
+
+/// Longer names are not names: a bound keeps a hostile profile from
+/// travelling into notifications and SMS texts.
+const MAX_NAME_CHARS: usize = 100;

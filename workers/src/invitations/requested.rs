@@ -69,7 +69,11 @@ async fn check(
     else {
         return Ok(Err(reasons::CONTACT_NOT_FOUND));
     };
-    if contact.account_id == truster.account_id {
+    // Two accounts on one phone are one person as far as the SMS goes: the
+    // codes would reach the truster's own phone.
+    if contact.account_id == truster.account_id
+        || (contact.phone.is_some() && contact.phone == truster.phone)
+    {
         return Ok(Err(reasons::SELF_INVITATION));
     }
     if let Some(reason) = eligibility_problems(&contact.profile(), Role::Contact, today) {

@@ -45,7 +45,9 @@ fn mac(secret: &Secret, recovery_id: Uuid, code: &str) -> anyhow::Result<CodeMac
     let mut mac = <CodeMac as KeyInit>::new_from_slice(secret.expose().as_bytes())
         .context("the code secret cannot key an HMAC")?;
     mac.update(recovery_id.as_bytes());
-    mac.update(code.trim().as_bytes());
+    // People type codes with spaces ("123 456"); digits are what count.
+    let digits: String = code.chars().filter(|c| !c.is_whitespace()).collect();
+    mac.update(digits.as_bytes());
     Ok(mac)
 }
 

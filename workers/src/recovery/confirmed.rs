@@ -17,6 +17,7 @@ use super::{
 };
 use crate::{
     ledger::LedgerTx,
+    recovery::seal::CodeSeal,
     runtime::{Context, HandlerError},
     sms::{SmsTemplate, request_sms},
 };
@@ -63,10 +64,10 @@ async fn step(
     store_code(tx, &request, &code, settings, code_expires_at, now).await?;
     let detail = json!({ "code_number": code_number, "code_expires_at": code_expires_at });
     store::audit(tx, Some(actor_id), Some(recovery_id), "code_sent", detail).await?;
-    // The only place the code exists in clear after this handler: the SMS
-    // request on the internal exchange.
+    // The code leaves this handler only sealed; the SMS worker opens it to
+    // write the text.
     let template = SmsTemplate::RecoveryCode {
-        code: code.expose().to_owned(),
+        sealed_code: CodeSeal::new(&settings.code_secret)?.seal(code.expose())?,
         truster_short_name: truster.short_name,
         valid_minutes: u32::try_from(whole_minutes(settings.code_ttl)).unwrap_or(u32::MAX),
     };

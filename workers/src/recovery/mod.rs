@@ -10,6 +10,7 @@ mod declined;
 mod expiry;
 mod notices;
 mod requested;
+pub mod seal;
 pub mod settings;
 mod sms_failed;
 mod store;

@@ -53,7 +53,7 @@ impl RecoverySettings {
     }
 }
 
-fn code_secret(environment: &Environment) -> anyhow::Result<Secret> {
+pub fn code_secret(environment: &Environment) -> anyhow::Result<Secret> {
     match std::env::var("TC_CODE_SECRET") {
         Ok(secret) if !secret.trim().is_empty() => {
             if !environment.is_development() && secret.len() < MIN_SECRET_LEN {

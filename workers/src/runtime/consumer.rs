@@ -39,6 +39,10 @@ pub(super) struct Consumer<W> {
     pub tasks: TaskTracker,
 }
 
+/// No command of the catalogue comes near this; a larger body is hostile or
+/// broken, and parsing it would only cost memory.
+const MAX_BODY_BYTES: usize = 64 * 1024;
+
 /// Why a consume session ended without an error.
 enum SessionEnd {
     Shutdown,
@@ -180,6 +184,11 @@ impl<W: Worker> Step<W> {
     }
 
     async fn handle(&self, delivery: Delivery, spec: WorkerSpec) {
+        if delivery.data.len() > MAX_BODY_BYTES {
+            let error =
+                anyhow!("body of {} bytes is over the {MAX_BODY_BYTES} limit", delivery.data.len());
+            return self.dead_letter(delivery, FailureKind::Malformed, &error).await;
+        }
         let envelope = match Envelope::parse(&delivery.data) {
             Ok(envelope) => envelope,
             Err(error) => {

@@ -17,6 +17,10 @@ use super::{
     metrics::METRICS,
 };
 
+/// How often a relay deletes old confirmed rows, and how long they stay.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+const SENT_ROWS_KEPT: Duration = Duration::from_secs(15 * 60);
+
 /// Wakes the relay as soon as a handler committed outgoing messages, so that
 /// outcomes leave within milliseconds rather than at the next poll.
 #[derive(Debug, Clone, Default)]
@@ -54,7 +58,14 @@ impl OutboxRelay {
     /// Relays until `shutdown`, then drains what is left once more.
     pub async fn run(self, shutdown: CancellationToken) {
         let mut failures = 0u32;
+        let mut last_prune = tokio::time::Instant::now();
         loop {
+            if last_prune.elapsed() >= PRUNE_EVERY {
+                last_prune = tokio::time::Instant::now();
+                if let Err(error) = self.prune().await {
+                    tracing::warn!(error = format!("{error:#}"), "cannot prune the outbox");
+                }
+            }
             match self.drain().await {
                 Ok(_) => failures = 0,
                 Err(error) => {
@@ -84,6 +95,23 @@ impl OutboxRelay {
                 "outbox not flushed before shutdown; rows stay for the next relay"
             ),
         }
+    }
+
+    /// Deletes rows the broker confirmed a while ago. They carry names and
+    /// phones (notification texts, SMS requests), which the ledger keeps no
+    /// longer than it needs: the margin only serves an operator looking into
+    /// a recent incident.
+    pub async fn prune(&self) -> anyhow::Result<u64> {
+        let pruned = sqlx::query(
+            "DELETE FROM outbox WHERE sent_at IS NOT NULL \
+             AND sent_at < now() - make_interval(secs => $1)",
+        )
+        .bind(SENT_ROWS_KEPT.as_secs_f64())
+        .execute(&self.pool)
+        .await
+        .context("cannot prune the outbox")?
+        .rows_affected();
+        Ok(pruned)
     }
 
     /// Publishes batches until no unsent row is left. Returns how many

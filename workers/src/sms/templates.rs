@@ -7,6 +7,8 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use crate::recovery::seal::CodeSeal;
+
 /// How long an invitation waits for the contact; fixed by the rules, not
 /// configurable.
 const INVITATION_VALID_MINUTES: u32 = 30;
@@ -29,8 +31,11 @@ pub enum SmsTemplate {
         truster_short_name: String,
     },
     /// The one-time code that approves a recovery.
+    /// The code travels sealed (see `recovery::seal`): the SMS request
+    /// passes through the outbox and the broker, which must not hold it in
+    /// clear. Only [`SmsTemplate::render`] opens it, in memory.
     RecoveryCode {
-        code: String,
+        sealed_code: String,
         truster_short_name: String,
         valid_minutes: u32,
     },
@@ -70,9 +75,9 @@ impl SmsTemplate {
         }
     }
 
-    /// The text as the contact will read it.
-    pub fn render(&self) -> String {
-        match self {
+    /// The text as the contact will read it; `seal` opens a sealed code.
+    pub fn render(&self, seal: &CodeSeal) -> anyhow::Result<String> {
+        Ok(match self {
             Self::InvitationNotice { truster_short_name: name } => format!(
                 "Пользователь {name} приглашает вас стать доверенным лицом. \
                  Ответьте в личном кабинете портала в течение {INVITATION_VALID_MINUTES} минут."
@@ -82,10 +87,11 @@ impl SmsTemplate {
                  Прежде чем подтвердить в личном кабинете, позвоните владельцу аккаунта \
                  и убедитесь, что просит он сам, а не мошенники от его имени."
             ),
-            Self::RecoveryCode { code, truster_short_name: name, valid_minutes } => format!(
-                "Код {code} для подтверждения восстановления пароля пользователя {}. \
+            Self::RecoveryCode { sealed_code, truster_short_name: name, valid_minutes } => format!(
+                "Код {} для подтверждения восстановления пароля пользователя {}. \
                  Никому не сообщайте код, даже сотрудникам портала. \
                  Код действует {valid_minutes} {}.",
+                seal.open(sealed_code)?,
                 without_final_period(name),
                 minutes_word(*valid_minutes)
             ),
@@ -114,7 +120,7 @@ impl SmsTemplate {
                 "Запрос на восстановление пароля пользователя {name} истёк. \
                  Ничего делать не нужно."
             ),
-        }
+        })
     }
 }
 
@@ -155,6 +161,10 @@ pub fn without_final_period(name: &str) -> &str {
 mod tests {
     use super::*;
 
+    fn seal() -> CodeSeal {
+        CodeSeal::new(&crate::settings::Secret::new("a test secret long enough to key")).unwrap()
+    }
+
     fn ivan() -> String {
         short_name("Иван", "Петров")
     }
@@ -173,12 +183,12 @@ mod tests {
 
     #[test]
     fn the_code_message_names_the_action_carries_the_code_and_the_warning() {
-        let text = SmsTemplate::RecoveryCode {
-            code: "482913".into(),
-            truster_short_name: ivan(),
-            valid_minutes: 5,
-        }
-        .render();
+        let sealed_code = seal().seal("482913").unwrap();
+        assert!(!sealed_code.contains("482913"));
+        let text =
+            SmsTemplate::RecoveryCode { sealed_code, truster_short_name: ivan(), valid_minutes: 5 }
+                .render(&seal())
+                .unwrap();
         assert!(text.contains("482913"));
         assert!(text.contains("восстановления пароля пользователя Иван П."));
         assert!(text.contains("Никому не сообщайте код, даже сотрудникам портала"));
@@ -188,7 +198,9 @@ mod tests {
 
     #[test]
     fn the_recovery_notice_asks_to_call_the_truster_before_confirming() {
-        let text = SmsTemplate::RecoveryRequestNotice { truster_short_name: ivan() }.render();
+        let text = SmsTemplate::RecoveryRequestNotice { truster_short_name: ivan() }
+            .render(&seal())
+            .unwrap();
         assert!(text.contains("Прежде чем подтвердить"));
         assert!(text.contains("позвоните"));
     }
@@ -207,7 +219,7 @@ mod tests {
             SmsTemplate::RecoveryExpired { truster_short_name: name.clone() },
         ];
         for template in all {
-            let text = template.render();
+            let text = template.render(&seal()).unwrap();
             assert!(text.contains("Иван П."), "{text}");
             assert!(!text.contains("Петров"), "{text}");
         }
@@ -222,7 +234,7 @@ mod tests {
     #[test]
     fn debug_output_shows_neither_the_code_nor_the_name() {
         let template = SmsTemplate::RecoveryCode {
-            code: "482913".into(),
+            sealed_code: seal().seal("482913").unwrap(),
             truster_short_name: ivan(),
             valid_minutes: 5,
         };
@@ -232,7 +244,7 @@ mod tests {
     #[test]
     fn templates_travel_as_snake_case_tags() -> serde_json::Result<()> {
         let template = SmsTemplate::RecoveryCode {
-            code: "000111".into(),
+            sealed_code: "00aa".into(),
             truster_short_name: ivan(),
             valid_minutes: 5,
         };

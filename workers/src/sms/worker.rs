@@ -15,8 +15,12 @@ use uuid::Uuid;
 use super::provider::{HttpSmsProvider, OutgoingSms, ProviderError, SmsProvider};
 use super::rate::{RateLimitedProvider, SendRateLimiter};
 use super::request::{SMS_FAILED, SMS_REQUESTED, SmsFailed, SmsRequested};
-use crate::runtime::{Context, HandlerError, Source, Worker, WorkerSpec};
-use crate::settings::{Secret, millis_var, parse_var, var_or};
+use crate::recovery::seal::CodeSeal;
+use crate::runtime::{
+    Context, HandlerError, Source, Worker, WorkerSpec,
+    metrics::{METRICS, SmsLabels},
+};
+use crate::settings::{Environment, Secret, millis_var, parse_var, var_or};
 
 /// The worker's name, which also names its queues.
 pub const SMS_WORKER: &str = "sms";
@@ -45,10 +49,13 @@ pub struct SmsSettings {
     /// handler of the process shares.
     pub rate_per_sec: NonZeroU32,
     pub burst: NonZeroU32,
+    /// Opens the sealed codes of code messages (`TC_CODE_SECRET`, as the
+    /// recovery worker has it).
+    pub code_secret: Secret,
 }
 
 impl SmsSettings {
-    pub fn from_env() -> anyhow::Result<Self> {
+    pub fn from_env(environment: &Environment) -> anyhow::Result<Self> {
         let token = std::env::var("TC_SMS_GATEWAY_TOKEN").ok().filter(|token| !token.is_empty());
         Ok(SmsSettings {
             gateway_url: var_or("TC_SMS_GATEWAY_URL", "http://127.0.0.1:8090"),
@@ -56,6 +63,7 @@ impl SmsSettings {
             timeout: millis_var("TC_SMS_TIMEOUT_MS", 10_000)?,
             rate_per_sec: parse_var("TC_SMS_RATE_PER_SEC", non_zero(50))?,
             burst: parse_var("TC_SMS_BURST", non_zero(10))?,
+            code_secret: crate::recovery::settings::code_secret(environment)?,
         })
     }
 }
@@ -75,6 +83,7 @@ pub struct SmsWorker<P> {
     /// transient failure fails the SMS, so the requesting flow hears of it
     /// instead of waiting for an SMS that will never come.
     retry_limit: u32,
+    seal: CodeSeal,
 }
 
 /// The production provider: the HTTP API behind the shared token bucket.
@@ -89,13 +98,14 @@ impl SmsWorker<ProductionProvider> {
             settings.timeout,
         )?;
         let limiter = SendRateLimiter::new(settings.rate_per_sec, settings.burst);
-        Ok(SmsWorker::new(RateLimitedProvider::new(http, limiter), retry_limit))
+        let seal = CodeSeal::new(&settings.code_secret)?;
+        Ok(SmsWorker::new(RateLimitedProvider::new(http, limiter), retry_limit, seal))
     }
 }
 
 impl<P: SmsProvider + 'static> SmsWorker<P> {
-    pub fn new(provider: P, retry_limit: u32) -> Self {
-        SmsWorker { provider, retry_limit }
+    pub fn new(provider: P, retry_limit: u32, seal: CodeSeal) -> Self {
+        SmsWorker { provider, retry_limit, seal }
     }
 
     /// One request, in three steps so that no transaction is open while the
@@ -128,7 +138,8 @@ impl<P: SmsProvider + 'static> SmsWorker<P> {
         };
         let sms = OutgoingSms {
             phone: phone.clone(),
-            text: request.template.render(),
+            // A code that does not open will not open on a retry either.
+            text: request.template.render(&self.seal).map_err(HandlerError::Permanent)?,
             client_message_id: request.idempotency_key.clone(),
         };
         match self.provider.send(&sms).await {
@@ -271,6 +282,8 @@ async fn record_sent(
             "provider_id": provider_id,
         });
         tx.audit(None, "sms", Some(sms_id), "sms.sent", &detail).await?;
+        let labels = SmsLabels { template: request.template.kind().to_owned() };
+        METRICS.sms_sent.get_or_create(&labels).inc();
         tracing::debug!(
             sms.idempotency_key = %request.idempotency_key,
             sms.provider_id = provider_id,
@@ -328,6 +341,8 @@ async fn record_failed(
             "reason": reason,
         });
         tx.audit(None, "sms", Some(sms_id), "sms.failed", &detail).await?;
+        let labels = SmsLabels { template: request.template.kind().to_owned() };
+        METRICS.sms_failed.get_or_create(&labels).inc();
         let report = SmsFailed {
             idempotency_key: request.idempotency_key.clone(),
             recipient_id: request.recipient_id,
