@@ -5,10 +5,7 @@ use chrono::Utc;
 use serde_json::json;
 use trusted_contact_contracts::{Envelope, Message, commands::RecoveryCancelled, events};
 
-use super::{
-    NAME, notices,
-    store::{self, Gate},
-};
+use super::{NAME, notices, store};
 use crate::{
     ledger::LedgerTx,
     runtime::{Context, HandlerError},
@@ -17,18 +14,14 @@ use crate::{
 
 pub async fn handle(context: &Context, message: &Envelope) -> Result<(), HandlerError> {
     let command: RecoveryCancelled = message.payload_as()?;
-    let Some(mut tx) = context.begin(message).await? else { return Ok(()) };
-    step(&mut tx, &command).await?;
-    context.commit(tx).await
+    context.once(message, async |tx| step(tx, &command).await).await
 }
 
 async fn step(tx: &mut LedgerTx, command: &RecoveryCancelled) -> Result<(), HandlerError> {
     let (recovery_id, actor_id) = (command.recovery_id, command.actor_id);
-    let request = match store::truster_gate(tx.conn(), recovery_id, actor_id, Utc::now()).await? {
-        Gate::Open(request) => request,
-        Gate::Refused(refusal) => {
-            return store::refuse(tx, Some(recovery_id), Some(actor_id), refusal).await;
-        }
+    let Some(request) = store::open_for_truster(tx, recovery_id, actor_id, Utc::now()).await?
+    else {
+        return Ok(());
     };
     let cancelled = sqlx::query(
         "UPDATE recovery_requests SET status = 'cancelled', decided_at = now(), code_hmac = NULL \

@@ -15,7 +15,7 @@ use super::{
     RecoverySettings,
     code::code_matches,
     notices,
-    store::{self, Gate, RecoveryRow, Refusal},
+    store::{self, RecoveryRow, Refusal},
 };
 use crate::{
     ledger::LedgerTx,
@@ -28,9 +28,7 @@ pub async fn handle(
     message: &Envelope,
 ) -> Result<(), HandlerError> {
     let command: RecoveryCodeSubmitted = message.payload_as()?;
-    let Some(mut tx) = context.begin(message).await? else { return Ok(()) };
-    step(settings, &mut tx, &command).await?;
-    context.commit(tx).await
+    context.once(message, async |tx| step(settings, tx, &command).await).await
 }
 
 async fn step(
@@ -40,11 +38,8 @@ async fn step(
 ) -> Result<(), HandlerError> {
     let now = Utc::now();
     let (recovery_id, actor_id) = (command.recovery_id, command.actor_id);
-    let request = match store::contact_gate(tx.conn(), recovery_id, actor_id, now).await? {
-        Gate::Open(request) => request,
-        Gate::Refused(refusal) => {
-            return store::refuse(tx, Some(recovery_id), Some(actor_id), refusal).await;
-        }
+    let Some(request) = store::open_for_contact(tx, recovery_id, actor_id, now).await? else {
+        return Ok(());
     };
     let stored = match (&request.code_hmac, request.code_expires_at) {
         (Some(stored), Some(expires_at)) if expires_at > now => stored.clone(),

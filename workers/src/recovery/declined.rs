@@ -12,7 +12,7 @@ use trusted_contact_contracts::{
 
 use super::{
     notices,
-    store::{self, Gate, Refusal},
+    store::{self, Refusal},
 };
 use crate::{
     ledger::LedgerTx,
@@ -21,18 +21,14 @@ use crate::{
 
 pub async fn handle(context: &Context, message: &Envelope) -> Result<(), HandlerError> {
     let command: RecoveryDeclined = message.payload_as()?;
-    let Some(mut tx) = context.begin(message).await? else { return Ok(()) };
-    step(&mut tx, &command).await?;
-    context.commit(tx).await
+    context.once(message, async |tx| step(tx, &command).await).await
 }
 
 async fn step(tx: &mut LedgerTx, command: &RecoveryDeclined) -> Result<(), HandlerError> {
     let (recovery_id, actor_id) = (command.recovery_id, command.actor_id);
-    let request = match store::contact_gate(tx.conn(), recovery_id, actor_id, Utc::now()).await? {
-        Gate::Open(request) => request,
-        Gate::Refused(refusal) => {
-            return store::refuse(tx, Some(recovery_id), Some(actor_id), refusal).await;
-        }
+    let Some(request) = store::open_for_contact(tx, recovery_id, actor_id, Utc::now()).await?
+    else {
+        return Ok(());
     };
     if !decline_reason::is_valid(&command.reason) {
         let refusal = Refusal {

@@ -81,9 +81,9 @@ pub fn schedule_code_deadline(
 /// Handles a delayed `recovery.deadline` or `recovery.code_deadline` in the
 /// sweeper.
 pub async fn expire_recovery(context: &Context, message: &Envelope) -> Result<(), HandlerError> {
-    let Some(mut tx) = context.begin(message).await? else { return Ok(()) };
-    apply_deadline(&mut tx, message, Utc::now()).await?;
-    context.commit(tx).await
+    let expire =
+        async |tx: &mut LedgerTx| apply_deadline(tx, message, Utc::now()).await.map(|_expired| ());
+    context.once(message, expire).await
 }
 
 /// What one sweep ended.

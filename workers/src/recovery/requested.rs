@@ -26,9 +26,7 @@ pub async fn handle(
     message: &Envelope,
 ) -> Result<(), HandlerError> {
     let command: RecoveryRequested = message.payload_as()?;
-    let Some(mut tx) = context.begin(message).await? else { return Ok(()) };
-    step(settings, &mut tx, &command).await?;
-    context.commit(tx).await
+    context.once(message, async |tx| step(settings, tx, &command).await).await
 }
 
 async fn step(

@@ -75,14 +75,53 @@ pub struct Refusal {
 }
 
 /// A request a command may act on, or the reason it may not.
-pub enum Gate {
+enum Gate {
     Open(RecoveryRow),
     Refused(Refusal),
 }
 
-/// Only the contact the request was sent to, while still the truster's
-/// active contact, may confirm, submit a code or decline.
-pub async fn contact_gate(
+/// The request, locked, when `actor_id` is the contact it was sent to, still
+/// the truster's active contact, and the request is still open: only they
+/// may confirm, submit a code or decline. Otherwise the refusal is published
+/// and audited, and the handler has nothing more to do.
+pub async fn open_for_contact(
+    tx: &mut LedgerTx,
+    recovery_id: Uuid,
+    actor_id: Uuid,
+    now: DateTime<Utc>,
+) -> Result<Option<RecoveryRow>, HandlerError> {
+    let gate = contact_gate(tx.conn(), recovery_id, actor_id, now).await?;
+    admit(tx, recovery_id, actor_id, gate).await
+}
+
+/// As [`open_for_contact`], for the one command only the truster may send:
+/// cancellation.
+pub async fn open_for_truster(
+    tx: &mut LedgerTx,
+    recovery_id: Uuid,
+    actor_id: Uuid,
+    now: DateTime<Utc>,
+) -> Result<Option<RecoveryRow>, HandlerError> {
+    let gate = truster_gate(tx.conn(), recovery_id, actor_id, now).await?;
+    admit(tx, recovery_id, actor_id, gate).await
+}
+
+async fn admit(
+    tx: &mut LedgerTx,
+    recovery_id: Uuid,
+    actor_id: Uuid,
+    gate: Gate,
+) -> Result<Option<RecoveryRow>, HandlerError> {
+    match gate {
+        Gate::Open(request) => Ok(Some(request)),
+        Gate::Refused(refusal) => {
+            refuse(tx, Some(recovery_id), Some(actor_id), refusal).await?;
+            Ok(None)
+        }
+    }
+}
+
+async fn contact_gate(
     conn: &mut PgConnection,
     recovery_id: Uuid,
     actor_id: Uuid,
@@ -103,8 +142,7 @@ pub async fn contact_gate(
     Ok(state_gate(request, now))
 }
 
-/// Only the truster may cancel.
-pub async fn truster_gate(
+async fn truster_gate(
     conn: &mut PgConnection,
     recovery_id: Uuid,
     actor_id: Uuid,

@@ -60,6 +60,18 @@ impl Context {
         LedgerTx::begin(&self.pool, &self.topology, self.consumer, message).await
     }
 
+    /// Runs `step` in the ledger transaction for `message` and commits it, or
+    /// does nothing if this worker has already handled the message.
+    pub async fn once(
+        &self,
+        message: &Envelope,
+        step: impl AsyncFnOnce(&mut LedgerTx) -> Result<(), HandlerError>,
+    ) -> Result<(), HandlerError> {
+        let Some(mut tx) = self.begin(message).await? else { return Ok(()) };
+        step(&mut tx).await?;
+        self.commit(tx).await
+    }
+
     /// Commits and wakes the relay if anything waits in the outbox.
     pub async fn commit(&self, tx: LedgerTx) -> Result<(), HandlerError> {
         if tx.commit().await? > 0 {
