@@ -594,6 +594,38 @@ async fn a_request_expires_after_its_window_through_the_deadline_message() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_deadline_that_arrives_early_is_sent_back_and_the_request_still_expires_once() {
+    let mut settings = recovery_settings();
+    settings.window = Duration::from_secs(3);
+    let w = world_with(settings, quiet_sweeper()).await;
+    let recovery_id = w.request().await;
+    // The request's own deadline message, delivered at once, as a broker or a
+    // worker whose clock runs ahead would deliver it.
+    let mut early =
+        Envelope::new_command(recovery::RECOVERY_DEADLINE, &json!({ "recovery_id": recovery_id }))
+            .unwrap();
+    early.message_id = recovery::deadline_id(recovery::RECOVERY_DEADLINE, recovery_id, None);
+    w.env.publish_to_worker(sweeper::NAME, &early).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(w.row(recovery_id).await.0, "awaiting_contact", "not expired before its time");
+    let seen = w
+        .events
+        .wait_until("recovery.expired", Duration::from_secs(15), |all| {
+            all.iter().any(|e| e.kind == ev::RECOVERY_EXPIRED)
+        })
+        .await;
+    assert_eq!(seen.iter().filter(|e| e.kind == ev::RECOVERY_EXPIRED).count(), 1);
+    assert_eq!(w.row(recovery_id).await.0, "expired");
+    // The scheduled copy of the same deadline arrives a second later and is
+    // dropped by the inbox.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(w.audit_actions(recovery_id).await, ["opened", "expired"]);
+    let expired_events = w.events.all().iter().filter(|e| e.kind == ev::RECOVERY_EXPIRED).count();
+    assert_eq!(expired_events, 1);
+    w.service.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn the_ledger_sweep_expires_a_due_request_once_however_often_it_runs() {
     let w = world().await;
     let recovery_id = w.request().await;

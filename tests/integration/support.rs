@@ -139,8 +139,8 @@ impl TestEnv {
         assert!(confirm.is_ack(), "broker refused a test message");
     }
 
-    /// Publishes an envelope on the commands exchange, routing key = type.
-    pub async fn publish_envelope(&self, envelope: &Envelope) {
+    /// Publishes an envelope with the properties the service's outbox gives.
+    async fn publish_to(&self, exchange: &str, routing_key: &str, envelope: &Envelope) {
         let body = serde_json::to_vec(envelope).expect("json");
         let properties = properties_for(
             envelope.message_id,
@@ -149,23 +149,27 @@ impl TestEnv {
             envelope.causation_id.as_deref(),
             envelope.occurred_at,
         );
+        self.publish_raw(exchange, routing_key, &body, properties).await;
+    }
+
+    /// Publishes an envelope on the commands exchange, routing key = type.
+    pub async fn publish_envelope(&self, envelope: &Envelope) {
         let exchange = self.topology().commands_exchange();
-        self.publish_raw(&exchange, &envelope.kind, &body, properties).await;
+        self.publish_to(&exchange, &envelope.kind, envelope).await;
     }
 
     /// Publishes an envelope on the internal exchange, routing key = type, as
     /// another worker's outbox would (an SMS request, say).
     pub async fn publish_internal(&self, envelope: &Envelope) {
-        let body = serde_json::to_vec(envelope).expect("json");
-        let properties = properties_for(
-            envelope.message_id,
-            &envelope.kind,
-            envelope.correlation_id.as_deref(),
-            envelope.causation_id.as_deref(),
-            envelope.occurred_at,
-        );
         let exchange = self.topology().internal_exchange();
-        self.publish_raw(&exchange, &envelope.kind, &body, properties).await;
+        self.publish_to(&exchange, &envelope.kind, envelope).await;
+    }
+
+    /// Puts an envelope straight into `worker`'s queue, as a delayed message
+    /// leaving its delay queue would arrive.
+    pub async fn publish_to_worker(&self, worker: &str, envelope: &Envelope) {
+        let queue = self.topology().worker_queue(worker);
+        self.publish_to("", &queue, envelope).await;
     }
 
     /// Takes every message waiting in `worker`'s own queue: what other

@@ -7,7 +7,7 @@
 use std::{sync::Arc, time::Duration};
 
 use anyhow::anyhow;
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -26,6 +26,22 @@ use crate::{
 
 /// The worker's name, which also names its queue and its inbox rows.
 pub const NAME: &str = "sweeper";
+
+/// A delayed deadline message arrives this long after its deadline, so that
+/// it finds the deadline passed by the clock that judges it too.
+pub const DEADLINE_MARGIN: Duration = Duration::from_secs(1);
+
+/// The answer to a deadline message that arrived before its deadline (clock
+/// skew between broker, workers and database): retried after the time left,
+/// and never recorded as handled, so that its id stays free for the real
+/// expiry and for the periodic sweep.
+pub fn arrived_early(due: DateTime<Utc>, now: DateTime<Utc>) -> HandlerError {
+    let left = (due - now).to_std().unwrap_or_default();
+    HandlerError::Transient {
+        source: anyhow!("deadline message arrived before the deadline"),
+        retry_after: Some(left.max(Duration::from_millis(200))),
+    }
+}
 
 pub const SWEEPER: WorkerSpec = WorkerSpec {
     name: NAME,

@@ -3,8 +3,6 @@
 //! sweeper's periodic sweep (for deadlines whose message was lost), so that
 //! the sweeper's inbox keeps one of them; and the step that expires.
 
-use std::time::Duration;
-
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -14,7 +12,10 @@ use trusted_contact_contracts::{Envelope, SUPPORTED_VERSION, event_type, events}
 use uuid::Uuid;
 
 use super::ledger_queries::{audit, invitation, notify};
-use crate::runtime::{Context, HandlerError};
+use crate::{
+    runtime::{Context, HandlerError},
+    sweeper,
+};
 
 /// Type of the deadline message, sent straight to the sweeper's queue.
 pub const INVITATION_DEADLINE: &str = "invitation.deadline";
@@ -69,11 +70,7 @@ pub async fn handle_deadline(context: &Context, message: &Envelope) -> Result<()
         return context.commit(tx).await;
     }
     if !found.overdue {
-        let early = (found.expires_at - Utc::now()).to_std().unwrap_or_default();
-        return Err(HandlerError::Transient {
-            source: anyhow::anyhow!("invitation deadline arrived before the deadline"),
-            retry_after: Some(early.max(Duration::from_millis(200))),
-        });
+        return Err(sweeper::arrived_early(found.expires_at, Utc::now()));
     }
     let expired = sqlx::query(
         "UPDATE invitations SET status = 'expired', decided_at = now() \

@@ -21,12 +21,8 @@ use crate::{
     ledger::LedgerTx,
     runtime::{Context, HandlerError},
     sms::{SmsTemplate, request_sms},
-    sweeper::SWEEPER,
+    sweeper::{self, SWEEPER},
 };
-
-/// The delayed deadline message arrives this long after the deadline, so
-/// that it finds the invitation due by the database clock too.
-const DEADLINE_MARGIN: std::time::Duration = std::time::Duration::from_secs(1);
 
 pub async fn handle(
     context: &Context,
@@ -158,7 +154,7 @@ async fn open_invitation(
     }
     let deadline =
         expiry::deadline_envelope(invitation_id, Some(request_id), &correlation_id, expires_at)?;
-    tx.schedule_envelope(SWEEPER.name, settings.window + DEADLINE_MARGIN, deadline);
+    tx.schedule_envelope(SWEEPER.name, settings.window + sweeper::DEADLINE_MARGIN, deadline);
     tracing::info!(invitation.id = %invitation_id, "invitation sent");
     Ok(())
 }

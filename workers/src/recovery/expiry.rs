@@ -62,7 +62,8 @@ pub fn schedule_request_deadline(
 ) -> anyhow::Result<()> {
     let id = deadline_id(RECOVERY_DEADLINE, recovery_id, None);
     let payload = RecoveryDeadline { recovery_id };
-    tx.schedule_with_id(sweeper::NAME, window, RECOVERY_DEADLINE, id, &payload)?;
+    let delay = window + sweeper::DEADLINE_MARGIN;
+    tx.schedule_with_id(sweeper::NAME, delay, RECOVERY_DEADLINE, id, &payload)?;
     Ok(())
 }
 
@@ -74,7 +75,8 @@ pub fn schedule_code_deadline(
 ) -> anyhow::Result<()> {
     let id = deadline_id(CODE_DEADLINE, recovery_id, Some(code_number));
     let payload = CodeDeadline { recovery_id, code_number };
-    tx.schedule_with_id(sweeper::NAME, ttl, CODE_DEADLINE, id, &payload)?;
+    let delay = ttl + sweeper::DEADLINE_MARGIN;
+    tx.schedule_with_id(sweeper::NAME, delay, CODE_DEADLINE, id, &payload)?;
     Ok(())
 }
 
@@ -177,7 +179,8 @@ async fn sweep_one(
 
 /// Applies one deadline inside `tx`; returns whether it ended anything. A
 /// deadline whose request already ended, or whose code was replaced, does
-/// nothing but mark the message handled.
+/// nothing but mark the message handled; one that came before its time is
+/// sent back (see [`sweeper::arrived_early`]).
 async fn apply_deadline(
     tx: &mut LedgerTx,
     message: &Envelope,
@@ -189,8 +192,11 @@ async fn apply_deadline(
             let Some(request) = store::lock_request(tx.conn(), deadline.recovery_id).await? else {
                 return Ok(false);
             };
-            if !request.is_active() || request.expires_at > now {
+            if !request.is_active() {
                 return Ok(false);
+            }
+            if request.expires_at > now {
+                return Err(sweeper::arrived_early(request.expires_at, now));
             }
             expire_request(tx, &request, now).await?;
             Ok(true)
@@ -257,6 +263,12 @@ async fn expire_code(
     let Some(request) = store::lock_request(tx.conn(), deadline.recovery_id).await? else {
         return Ok(false);
     };
+    let still_this_code = request.status == "code_sent"
+        && request.codes_sent == deadline.code_number
+        && request.code_hmac.is_some();
+    if let Some(due) = request.code_expires_at.filter(|due| still_this_code && *due > now) {
+        return Err(sweeper::arrived_early(due, now));
+    }
     let cleared = sqlx::query(
         "UPDATE recovery_requests SET code_hmac = NULL \
          WHERE recovery_id = $1 AND status = 'code_sent' AND codes_sent = $2 \
