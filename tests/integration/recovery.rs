@@ -828,6 +828,15 @@ async fn a_request_sent_over_a_link_that_ended_leaves_the_active_set() {
     let ended = w.events.outcome(&command, ev::RECOVERY_CANCELLED).await;
     assert_eq!(ended.payload["recovery_id"], json!(old_request));
     assert_eq!(w.row(old_request).await.0, "cancelled");
+    // The old request's end is told in the old request's flow.
+    let old_flow: String =
+        sqlx::query_scalar("SELECT correlation_id FROM recovery_requests WHERE recovery_id = $1")
+            .bind(old_request)
+            .fetch_one(&w.env.pool)
+            .await
+            .unwrap();
+    assert_ne!(old_flow, command.message_id.to_string());
+    assert_eq!(ended.correlation_id, Some(old_flow));
     w.service.stop().await;
 }
 
@@ -879,6 +888,50 @@ async fn the_contact_may_leave_only_once_the_request_has_expired() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn the_contact_may_leave_once_the_request_ran_out_even_before_any_sweeper_ended_it() {
+    let env = TestEnv::new().await;
+    let parties = connected(&env).await;
+    env.declare(&app::service_topology()).await;
+    let events = env.tap_events().await;
+    let mut settings = recovery_settings();
+    settings.window = Duration::from_secs(2);
+    let invitations = trusted_contact::invitations::InvitationSettings::from_env().unwrap();
+    // No sweeper: the deadline message waits in its queue.
+    let service = env.serve(move |runtime| {
+        let topology = app::service_topology();
+        vec![
+            runtime.spawn_worker(RecoveryWorker::new(settings), topology.clone()),
+            runtime.spawn_worker(
+                trusted_contact::invitations::Invitations { settings: invitations },
+                topology,
+            ),
+        ]
+    });
+    let opened =
+        env.command(cmd::RECOVERY_REQUESTED, &json!({ "truster_id": parties.truster })).await;
+    let awaiting = events.outcome(&opened, ev::RECOVERY_AWAITING_CONTACT).await;
+    let leave = json!({ "actor_id": parties.contact, "truster_id": parties.truster });
+    let too_early = env.command(cmd::CONTACT_DISCONNECT_REQUESTED, &leave).await;
+    let refused = events.outcome(&too_early, ev::CONTACT_DISCONNECT_REJECTED).await;
+    assert_eq!(refused.payload["reason"], json!("recovery_active"));
+
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let after = env.command(cmd::CONTACT_DISCONNECT_REQUESTED, &leave).await;
+    events.outcome(&after, ev::CONTACT_DISCONNECTED).await;
+    let expired = events.outcome(&after, ev::RECOVERY_EXPIRED).await;
+    assert_eq!(expired.payload["recovery_id"], awaiting.payload["recovery_id"]);
+    assert_eq!(expired.correlation_id, Some(opened.message_id.to_string()));
+    let status: String =
+        sqlx::query_scalar("SELECT status FROM recovery_requests WHERE truster_id = $1")
+            .bind(parties.truster)
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(status, "expired");
+    service.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_truster_who_disconnects_the_contact_ends_the_open_request() {
     let env = TestEnv::new().await;
     let parties = connected(&env).await;
@@ -905,6 +958,18 @@ async fn a_truster_who_disconnects_the_contact_ends_the_open_request() {
     events.outcome(&disconnect, ev::CONTACT_DISCONNECTED).await;
     let cancelled = events.outcome(&disconnect, ev::RECOVERY_CANCELLED).await;
     assert_eq!(cancelled.payload["recovery_id"], recovery_id);
+    // The end of the request belongs to the recovery's flow, so that the
+    // disconnection keeps exactly one outcome in its own.
+    assert_eq!(cancelled.correlation_id, Some(opened.message_id.to_string()));
+    let flow = disconnect.message_id.to_string();
+    let outcomes: Vec<String> = events
+        .all()
+        .into_iter()
+        .filter(|e| e.correlation_id.as_deref() == Some(&flow))
+        .filter(|e| e.kind != ev::CABINET_NOTIFICATION)
+        .map(|e| e.kind)
+        .collect();
+    assert_eq!(outcomes, [ev::CONTACT_DISCONNECTED]);
     let status: String =
         sqlx::query_scalar("SELECT status FROM recovery_requests WHERE truster_id = $1")
             .bind(parties.truster)

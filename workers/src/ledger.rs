@@ -141,6 +141,32 @@ impl LedgerTx {
         self.push(exchange, kind.to_owned(), kind, payload, Duration::ZERO)
     }
 
+    /// Publishes an event of another flow than this transaction's message:
+    /// the end of a recovery request that a disconnection or a new request
+    /// caused. It still names this message as its cause, but carries the
+    /// flow it ends, so the portal matches it to the command that opened
+    /// that flow and each command keeps exactly one outcome in its own flow.
+    pub fn publish_event_in_flow<P: Serialize>(
+        &mut self,
+        correlation_id: &str,
+        kind: &str,
+        payload: &P,
+    ) -> anyhow::Result<Uuid> {
+        let mut envelope = self
+            .cause
+            .caused(kind, payload)
+            .with_context(|| format!("cannot serialise a {kind} payload"))?;
+        envelope.correlation_id = Some(correlation_id.to_owned());
+        let id = envelope.message_id;
+        self.outgoing.push(OutgoingMessage {
+            envelope,
+            exchange: self.topology.events_exchange(),
+            routing_key: kind.to_owned(),
+            delay: Duration::ZERO,
+        });
+        Ok(id)
+    }
+
     /// Sends a message to another worker through the internal exchange.
     pub fn send_internal<P: Serialize>(&mut self, kind: &str, payload: &P) -> anyhow::Result<Uuid> {
         let exchange = self.topology.internal_exchange();

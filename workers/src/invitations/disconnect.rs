@@ -1,6 +1,6 @@
 //! `contact.disconnect_requested`: the truster may end the connection at any
 //! time; the contact only while no recovery request of that truster is
-//! active. Both sides are told.
+//! active (one past its deadline is ended on the spot). Both sides are told.
 
 use serde_json::json;
 use trusted_contact_contracts::{
@@ -33,7 +33,8 @@ pub async fn handle(context: &Context, message: &Envelope) -> Result<(), Handler
         None => Some(reasons::NOT_A_PARTY),
         Some(_) if command.actor_id == command.truster_id => None,
         Some((_, contact)) if contact == command.actor_id => {
-            recovery_active(&mut tx, command.truster_id).await?.then_some(reasons::RECOVERY_ACTIVE)
+            let open = crate::recovery::truster_has_open_request(&mut tx, command.truster_id);
+            open.await?.then_some(reasons::RECOVERY_ACTIVE)
         }
         Some(_) => Some(reasons::NOT_A_PARTY),
     };
@@ -69,17 +70,6 @@ pub async fn handle(context: &Context, message: &Envelope) -> Result<(), Handler
         }
     }
     context.commit(tx).await
-}
-
-async fn recovery_active(tx: &mut LedgerTx, truster_id: Uuid) -> Result<bool, HandlerError> {
-    let active = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM recovery_requests \
-                        WHERE truster_id = $1 AND status IN ('awaiting_contact', 'code_sent'))",
-    )
-    .bind(truster_id)
-    .fetch_one(tx.conn())
-    .await?;
-    Ok(active)
 }
 
 async fn disconnect(

@@ -73,7 +73,8 @@ pub async fn end_for_disconnection(
     store::expect_one(ended, request.recovery_id)?;
     let detail = json!({ "link_id": request.link_id });
     store::audit(tx, None, Some(request.recovery_id), "ended_by_disconnection", detail).await?;
-    tx.publish_event(
+    tx.publish_event_in_flow(
+        &request.correlation_id,
         events::RecoveryCancelled::TYPE,
         &events::RecoveryCancelled {
             recovery_id: request.recovery_id,

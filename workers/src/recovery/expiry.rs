@@ -211,6 +211,25 @@ async fn apply_deadline(
     }
 }
 
+/// Whether the truster has a recovery request still open. One whose deadline
+/// has passed is ended here if the sweeper has not reached it yet, so that the
+/// contact's right to leave follows the deadline to the second. For the
+/// disconnection step, in its transaction.
+pub async fn truster_has_open_request(
+    tx: &mut LedgerTx,
+    truster_id: Uuid,
+) -> Result<bool, HandlerError> {
+    let Some(request) = store::lock_active_request(tx.conn(), truster_id).await? else {
+        return Ok(false);
+    };
+    let now = Utc::now();
+    if request.expires_at > now {
+        return Ok(true);
+    }
+    expire_request(tx, &request, now).await?;
+    Ok(false)
+}
+
 /// Ends `request` as expired and tells both parties. `request` must be
 /// locked by `tx`.
 pub async fn expire_request(
@@ -230,7 +249,8 @@ pub async fn expire_request(
     .rows_affected();
     store::expect_one(expired, request.recovery_id)?;
     store::audit(tx, None, Some(request.recovery_id), "expired", json!({})).await?;
-    tx.publish_event(
+    tx.publish_event_in_flow(
+        &request.correlation_id,
         RecoveryExpired::TYPE,
         &RecoveryExpired {
             recovery_id: request.recovery_id,

@@ -20,7 +20,7 @@ use trusted_contact_contracts::{Envelope, command_type};
 pub use cancelled::end_active_for_disconnection;
 pub use expiry::{
     CODE_DEADLINE, CodeDeadline, RECOVERY_DEADLINE, RecoveryDeadline, SweepReport, deadline_id,
-    expire_recovery, sweep_due_recoveries,
+    expire_recovery, sweep_due_recoveries, truster_has_open_request,
 };
 pub use settings::RecoverySettings;
 

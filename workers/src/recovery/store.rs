@@ -33,6 +33,9 @@ pub struct RecoveryRow {
     pub codes_sent: i32,
     pub last_code_at: Option<DateTime<Utc>>,
     pub wrong_attempts: i32,
+    /// The flow of the `recovery.requested` that opened the request: every
+    /// event about the request's end carries it, whatever caused the end.
+    pub correlation_id: String,
 }
 
 impl RecoveryRow {
@@ -42,7 +45,8 @@ impl RecoveryRow {
 }
 
 const COLUMNS: &str = "recovery_id, truster_id, contact_id, link_id, status, expires_at, \
-                       code_hmac, code_expires_at, codes_sent, last_code_at, wrong_attempts";
+                       code_hmac, code_expires_at, codes_sent, last_code_at, wrong_attempts, \
+                       correlation_id";
 
 /// Reads a request and holds its row until the transaction ends, so that two
 /// commands about one request take turns.
