@@ -391,6 +391,72 @@ fn accepted_cause(_events: &EventTap, outcome: &Envelope) -> Envelope {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn an_invitation_racing_the_acceptance_of_the_pending_one_is_refused_not_sent() {
+    let (env, events) = world().await;
+    let service = start(&env, Duration::from_secs(1800), false);
+    let truster = seed(&env, &adult("Ольга")).await;
+    let first = adult("Анна");
+    let first_id = seed(&env, &first).await;
+    let second = adult("Мария");
+    seed(&env, &second).await;
+    let sent = invite(&env, &events, truster, "Анна", first.phone.as_deref().unwrap()).await;
+    assert_eq!(sent.kind, "invitation.sent");
+    let pending = id_of(&sent, "invitation_id");
+
+    // The acceptance of the pending invitation, half-way: its row is locked
+    // and the link written, not yet committed.
+    let mut acceptance = env.pool.begin().await.unwrap();
+    sqlx::query("UPDATE invitations SET status = 'accepted' WHERE invitation_id = $1")
+        .bind(pending)
+        .execute(&mut *acceptance)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO trust_links (link_id, truster_id, contact_id, invitation_id, status) \
+         VALUES ($1, $2, $3, $4, 'active')",
+    )
+    .bind(Uuid::now_v7())
+    .bind(truster)
+    .bind(first_id)
+    .bind(pending)
+    .execute(&mut *acceptance)
+    .await
+    .unwrap();
+    let payload = json!({ "truster_id": truster, "contact_first_name": "Мария",
+                          "contact_phone": second.phone });
+    let second_invitation = env.command("invitation.requested", &payload).await;
+    // The new invitation's step has read the link rules and now waits for the
+    // pending invitation's row.
+    let database = env.database.clone();
+    eventually("the new invitation waits on the pending row", WAIT, || async {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = $1 AND wait_event_type = 'Lock'",
+        )
+        .bind(&database)
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+        waiting == 1
+    })
+    .await;
+    acceptance.commit().await.unwrap();
+
+    let refused =
+        outcome(&events, &second_invitation, &["invitation.sent", "invitation.rejected"]).await;
+    assert_eq!(refused.kind, "invitation.rejected");
+    assert_eq!(refused.payload["reason"], json!("contact_already_active"));
+    let pending_now: i64 = scalar(
+        &env,
+        "SELECT count(*) FROM invitations WHERE truster_id = $1 AND status = 'pending'",
+        truster,
+    )
+    .await;
+    assert_eq!(pending_now, 0);
+    service.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn six_concurrent_acceptances_for_one_contact_link_exactly_five_trusters() {
     let (env, events) = world().await;
     let service = start(&env, Duration::from_secs(600), false);

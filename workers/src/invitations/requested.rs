@@ -101,11 +101,16 @@ async fn open_invitation(
     let correlation_id = tx.cause().flow_id();
     let sms_key = format!("{request_id}:invitation_notice:{}", contact.account_id);
     let window_ms = i64::try_from(settings.window.as_millis()).unwrap_or(i64::MAX);
-    let expires_at: DateTime<Utc> = sqlx::query_scalar(
+    // The truster's pending invitation may have been accepted while
+    // `replace_pending` waited on its row, after the link rules were read:
+    // the insert reads the links again (a new statement sees that commit) and
+    // opens nothing if the truster now has a contact.
+    let opened: Option<DateTime<Utc>> = sqlx::query_scalar(
         "INSERT INTO invitations (invitation_id, truster_id, contact_id, status, expires_at, \
                                   correlation_id, request_message_id, sms_idempotency_key) \
-         VALUES ($1, $2, $3, 'pending', now() + make_interval(secs => $4::float8 / 1000), \
-                 $5, $6, $7) \
+         SELECT $1, $2, $3, 'pending', now() + make_interval(secs => $4::float8 / 1000), \
+                $5, $6, $7 \
+         WHERE NOT EXISTS (SELECT 1 FROM trust_links WHERE truster_id = $2 AND status = 'active') \
          RETURNING expires_at",
     )
     .bind(invitation_id)
@@ -115,8 +120,12 @@ async fn open_invitation(
     .bind(&correlation_id)
     .bind(request_id)
     .bind(&sms_key)
-    .fetch_one(tx.conn())
+    .fetch_optional(tx.conn())
     .await?;
+    let Some(expires_at) = opened else {
+        // On the next delivery the link rules see the new contact and refuse.
+        return Err(HandlerError::transient(anyhow::anyhow!("truster linked concurrently")));
+    };
     let detail = json!({
         "contact_id": contact.account_id,
         "expires_at": expires_at,
