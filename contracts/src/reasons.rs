@@ -42,6 +42,10 @@ pub const CONTACT_ALREADY_ACTIVE: &str = "contact_already_active";
 pub const CONTACT_LIMIT_REACHED: &str = "contact_limit_reached";
 /// The truster sent 5 invitations within the last hour.
 pub const INVITATION_RATE_LIMITED: &str = "invitation_rate_limited";
+/// The truster's invitations within the last hour named nobody
+/// ([`CONTACT_NOT_FOUND`]) 5 times; further guesses must wait, so that the
+/// first name behind a phone cannot be found by trying names one by one.
+pub const CONTACT_LOOKUPS_EXHAUSTED: &str = "contact_lookups_exhausted";
 /// No invitation has the id the command names.
 pub const INVITATION_NOT_FOUND: &str = "invitation_not_found";
 /// The actor is not the person the invitation was sent to.
@@ -116,6 +120,7 @@ pub const ALL: &[&str] = &[
     CONTACT_ALREADY_ACTIVE,
     CONTACT_LIMIT_REACHED,
     INVITATION_RATE_LIMITED,
+    CONTACT_LOOKUPS_EXHAUSTED,
     INVITATION_NOT_FOUND,
     NOT_INVITED_CONTACT,
     INVITATION_NOT_PENDING,

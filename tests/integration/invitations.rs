@@ -92,7 +92,7 @@ async fn world() -> (TestEnv, EventTap) {
 
 fn start(env: &TestEnv, window: Duration, sweeper: bool) -> InProcess {
     env.serve(move |runtime| {
-        let settings = InvitationSettings { window, invitations_per_hour: 5 };
+        let settings = InvitationSettings { window, ..InvitationSettings::default() };
         let mut handles =
             vec![runtime.spawn_worker(Invitations { settings }, app::service_topology())];
         if sweeper {
@@ -332,6 +332,28 @@ async fn any_common_notation_finds_the_contact_and_a_wrong_name_looks_like_an_un
     assert_refused(&sixth, "invitation_rate_limited");
     let opened = scalar(&env, "SELECT count(*) FROM invitations WHERE truster_id = $1", truster);
     assert_eq!(opened.await, 5);
+    service.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn five_invitations_naming_nobody_in_an_hour_stop_the_truster_guessing_names() {
+    let (env, events) = world().await;
+    let service = start(&env, Duration::from_secs(600), false);
+    let contact = adult("Светлана");
+    seed(&env, &contact).await;
+    let phone = contact.phone.clone().unwrap();
+    let truster = seed(&env, &adult("Игорь")).await;
+    for guess in ["Анна", "Мария", "Елена", "Ольга", "Наталья"] {
+        assert_refused(&invite(&env, &events, truster, guess, &phone).await, "contact_not_found");
+    }
+    // The sixth guess is right, and still gets no answer about the account.
+    let right = invite(&env, &events, truster, "Светлана", &phone).await;
+    assert_refused(&right, "contact_lookups_exhausted");
+    let opened = scalar(&env, "SELECT count(*) FROM invitations WHERE truster_id = $1", truster);
+    assert_eq!(opened.await, 0);
+    // Another truster is not held back by this one's guesses.
+    let other = seed(&env, &adult("Олег")).await;
+    assert_eq!(invite(&env, &events, other, "Светлана", &phone).await.kind, "invitation.sent");
     service.stop().await;
 }
 

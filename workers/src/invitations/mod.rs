@@ -41,6 +41,9 @@ pub struct InvitationSettings {
     pub window: Duration,
     /// Invitations one truster may send per hour (`TC_INVITATIONS_PER_HOUR`).
     pub invitations_per_hour: i64,
+    /// Invitations per truster and hour that may name nobody before the
+    /// truster must wait (`TC_FAILED_LOOKUPS_PER_HOUR`).
+    pub failed_lookups_per_hour: i64,
 }
 
 impl InvitationSettings {
@@ -48,13 +51,18 @@ impl InvitationSettings {
         Ok(InvitationSettings {
             window: secs_var("TC_INVITATION_WINDOW_SECS", 1800)?,
             invitations_per_hour: parse_var("TC_INVITATIONS_PER_HOUR", 5)?,
+            failed_lookups_per_hour: parse_var("TC_FAILED_LOOKUPS_PER_HOUR", 5)?,
         })
     }
 }
 
 impl Default for InvitationSettings {
     fn default() -> Self {
-        InvitationSettings { window: Duration::from_secs(1800), invitations_per_hour: 5 }
+        InvitationSettings {
+            window: Duration::from_secs(1800),
+            invitations_per_hour: 5,
+            failed_lookups_per_hour: 5,
+        }
     }
 }
 

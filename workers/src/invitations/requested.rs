@@ -58,7 +58,11 @@ async fn check(
         return Ok(Err(reasons::CONTACT_PHONE_INVALID));
     };
     // An unknown phone and a wrong first name give the same answer, so the
-    // service cannot be used to find out who has an account.
+    // service cannot be used to find out who has an account; and only a few
+    // such answers an hour, so it cannot be used to guess the name either.
+    if failed_lookups_last_hour(tx, truster.account_id).await? >= settings.failed_lookups_per_hour {
+        return Ok(Err(reasons::CONTACT_LOOKUPS_EXHAUSTED));
+    }
     let candidates = accounts_by_phone(tx.conn(), &phone).await?;
     let Some(contact) =
         candidates.into_iter().find(|a| names_match(&request.contact_first_name, &a.first_name))
@@ -86,6 +90,21 @@ async fn check(
         return Ok(Err(reasons::INVITATION_RATE_LIMITED));
     }
     Ok(Ok((truster, contact)))
+}
+
+/// How many of the truster's invitations in the last hour named nobody.
+/// The reason is written out, not bound, so that the planner can use the
+/// partial index made for this count.
+async fn failed_lookups_last_hour(tx: &mut LedgerTx, truster_id: Uuid) -> sqlx::Result<i64> {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM audit_log \
+         WHERE actor_id = $1 AND action = 'invitation_requested_refused' \
+           AND detail->>'reason' = 'contact_not_found' \
+           AND recorded_at > now() - interval '1 hour'",
+    )
+    .bind(truster_id)
+    .fetch_one(tx.conn())
+    .await
 }
 
 async fn open_invitation(
