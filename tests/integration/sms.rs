@@ -128,7 +128,10 @@ fn request_to(phone: &str) -> SmsRequested {
         idempotency_key: format!("{}:invitation_notice:{}", Uuid::new_v4(), Uuid::new_v4()),
         recipient_id: Uuid::new_v4(),
         phone: phone.to_owned(),
-        template: SmsTemplate::InvitationNotice { truster_short_name: "Иван П.".into() },
+        template: SmsTemplate::InvitationNotice {
+            truster_short_name: "Иван П.".into(),
+            valid_minutes: 30,
+        },
         requested_by: REQUESTER.name.to_owned(),
     }
 }

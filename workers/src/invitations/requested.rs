@@ -177,7 +177,10 @@ async fn open_invitation(
     notify(tx, contact.account_id, "invitation_received", text)?;
     // The contact's phone was checked by eligibility; the SMS worker sends it.
     if let Some(phone) = contact.phone.as_deref() {
-        let template = SmsTemplate::InvitationNotice { truster_short_name: truster.short_name() };
+        let template = SmsTemplate::InvitationNotice {
+            truster_short_name: truster.short_name(),
+            valid_minutes: u32::try_from(minutes).unwrap_or(u32::MAX),
+        };
         request_sms(tx, super::INVITATIONS.name, contact.account_id, phone, template)?;
     }
     let deadline =

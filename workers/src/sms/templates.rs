@@ -9,9 +9,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::recovery::seal::CodeSeal;
 
-/// How long an invitation waits for the contact; fixed by the rules, not
-/// configurable.
-const INVITATION_VALID_MINUTES: u32 = 30;
+/// The invitation window of requests queued before the notice carried its
+/// own: the default window.
+fn default_invitation_minutes() -> u32 {
+    30
+}
 
 /// One SMS to the trusted contact, with what its text needs.
 ///
@@ -24,6 +26,9 @@ pub enum SmsTemplate {
     /// Points the contact to the invitation waiting in their personal account.
     InvitationNotice {
         truster_short_name: String,
+        /// The window the invitation was opened with, in whole minutes.
+        #[serde(default = "default_invitation_minutes")]
+        valid_minutes: u32,
     },
     /// A recovery needs the contact; asks them to call the truster before
     /// confirming.
@@ -78,9 +83,10 @@ impl SmsTemplate {
     /// The text as the contact will read it; `seal` opens a sealed code.
     pub fn render(&self, seal: &CodeSeal) -> anyhow::Result<String> {
         Ok(match self {
-            Self::InvitationNotice { truster_short_name: name } => format!(
+            Self::InvitationNotice { truster_short_name: name, valid_minutes } => format!(
                 "Пользователь {name} приглашает вас стать доверенным лицом. \
-                 Ответьте в личном кабинете портала в течение {INVITATION_VALID_MINUTES} минут."
+                 Ответьте в личном кабинете портала в течение {valid_minutes} {}.",
+                minutes_word(*valid_minutes)
             ),
             Self::RecoveryRequestNotice { truster_short_name: name } => format!(
                 "Запрошено восстановление пароля пользователя {name}, вы доверенное лицо. \
@@ -209,7 +215,7 @@ mod tests {
     fn no_template_reveals_the_full_last_name() {
         let name = ivan();
         let all = [
-            SmsTemplate::InvitationNotice { truster_short_name: name.clone() },
+            SmsTemplate::InvitationNotice { truster_short_name: name.clone(), valid_minutes: 30 },
             SmsTemplate::RecoveryRequestNotice { truster_short_name: name.clone() },
             SmsTemplate::InvitationAccepted { truster_short_name: name.clone() },
             SmsTemplate::ContactDisconnected { truster_short_name: name.clone() },
@@ -223,6 +229,21 @@ mod tests {
             assert!(text.contains("Иван П."), "{text}");
             assert!(!text.contains("Петров"), "{text}");
         }
+    }
+
+    #[test]
+    fn the_invitation_notice_gives_the_window_it_was_opened_with() {
+        let notice = |minutes| SmsTemplate::InvitationNotice {
+            truster_short_name: ivan(),
+            valid_minutes: minutes,
+        };
+        assert!(notice(30).render(&seal()).unwrap().ends_with("в течение 30 минут."));
+        assert!(notice(1).render(&seal()).unwrap().ends_with("в течение 1 минуту."));
+        let queued_before = serde_json::json!({
+            "template": "invitation_notice", "truster_short_name": "Иван П."
+        });
+        let notice: SmsTemplate = serde_json::from_value(queued_before).unwrap();
+        assert!(notice.render(&seal()).unwrap().ends_with("в течение 30 минут."));
     }
 
     #[test]
