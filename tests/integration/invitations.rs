@@ -977,6 +977,74 @@ async fn an_older_account_update_never_overwrites_a_newer_one_and_a_bad_phone_de
     service.stop().await;
 }
 
+async fn first_name_of(env: &TestEnv, id: Uuid) -> String {
+    sqlx::query_scalar("SELECT first_name FROM accounts WHERE account_id = $1")
+        .bind(id)
+        .fetch_one(&env.pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn of_two_updates_with_one_timestamp_the_later_stands_and_a_future_one_is_refused() {
+    let (env, _events) = world().await;
+    let service = start(&env, Duration::from_secs(600), false);
+    let id = Uuid::now_v7();
+    // Whole seconds, as a portal's timestamps often are.
+    let second = chrono::DateTime::from_timestamp(Utc::now().timestamp(), 0).unwrap();
+    let first = account_update(id, "Первая", "+79201234567", second);
+    env.publish_envelope(&first).await;
+    eventually("the first update stored", WAIT, || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM accounts WHERE account_id = $1")
+            .bind(id)
+            .fetch_one(&env.pool)
+            .await
+            .unwrap()
+            == 1
+    })
+    .await;
+    let same_second = account_update(id, "Вторая", "+79201234567", second);
+    env.publish_envelope(&same_second).await;
+    eventually("the second update of the same second stands", WAIT, || async {
+        first_name_of(&env, id).await == "Вторая"
+    })
+    .await;
+
+    // Dated a day ahead, it would shut out every real update until then.
+    let future =
+        account_update(id, "Будущая", "+79201234567", Utc::now() + chrono::Duration::days(1));
+    env.publish_envelope(&future).await;
+    let dead = env.wait_dead_letters("invitations", 1, WAIT).await;
+    assert_eq!(Envelope::parse(&dead[0].data).unwrap().message_id, future.message_id);
+    assert_eq!(first_name_of(&env, id).await, "Вторая");
+    let now = account_update(id, "Текущая", "+79201234567", Utc::now());
+    env.publish_envelope(&now).await;
+    eventually("a current update still applies", WAIT, || async {
+        first_name_of(&env, id).await == "Текущая"
+    })
+    .await;
+    service.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_invitation_that_overtakes_its_trusters_first_profile_update_is_still_sent() {
+    let (env, events) = world().await;
+    let service = start(&env, Duration::from_secs(600), false);
+    let contact = adult("Анна");
+    seed(&env, &contact).await;
+    let truster = Uuid::now_v7();
+    let payload = json!({ "truster_id": truster, "contact_first_name": "Анна",
+                          "contact_phone": contact.phone });
+    let request = env.command("invitation.requested", &payload).await;
+    // The profile arrives after the invitation, as when its first delivery
+    // failed and waits out a retry delay.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    env.publish_envelope(&account_update(truster, "Игорь", &fresh_phone(), Utc::now())).await;
+    let outcome = outcome(&events, &request, &["invitation.sent", "invitation.rejected"]).await;
+    assert_eq!(outcome.kind, "invitation.sent", "{:?}", outcome.payload);
+    service.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failed_invitation_sms_tells_the_truster_and_keeps_the_invitation() {
     let (env, events) = world().await;

@@ -1,12 +1,15 @@
 //! `account.updated`: keeps the ledger's copy of what eligibility needs. An
 //! update older (by `occurred_at`) than the copy is ignored, so updates may
-//! arrive in any order. A phone that cannot be normalised makes the message
+//! arrive in any order; of two with the same `occurred_at`, the one handled
+//! last stands. One dated in the future is refused, since it would shut out
+//! every real update until then. A phone that cannot be normalised makes the message
 //! fail for good (it is dead-lettered with the reason), but the rest of the
 //! update is applied with no phone first: keeping the older, perhaps more
 //! permissive copy would let a de-verified account, or one whose phone
 //! changed, go on as before.
 
 use anyhow::anyhow;
+use chrono::Utc;
 use trusted_contact_contracts::{Envelope, commands::AccountUpdated, normalize_phone};
 
 use super::ledger_queries::audit;
@@ -21,6 +24,15 @@ pub async fn handle(context: &Context, message: &Envelope) -> Result<(), Handler
         return Err(HandlerError::permanent(anyhow!(
             "account {}: a name is empty or longer than {MAX_NAME_CHARS} characters",
             account.account_id
+        )));
+    }
+    if message.occurred_at > Utc::now() + MAX_CLOCK_LEAD {
+        return Err(HandlerError::permanent(anyhow!(
+            "account {}: occurred_at {} is more than {} minutes ahead of this service's clock; \
+             the update was not applied",
+            account.account_id,
+            message.occurred_at,
+            MAX_CLOCK_LEAD.num_minutes()
         )));
     }
     let (phone, phone_error) = match account.phone.as_deref().map(normalize_phone) {
@@ -41,7 +53,7 @@ pub async fn handle(context: &Context, message: &Envelope) -> Result<(), Handler
              birth_date = EXCLUDED.birth_date, citizenship = EXCLUDED.citizenship, \
              verified = EXCLUDED.verified, has_passport = EXCLUDED.has_passport, \
              phone = EXCLUDED.phone, updated_at = EXCLUDED.updated_at \
-         WHERE accounts.updated_at < EXCLUDED.updated_at",
+         WHERE accounts.updated_at <= EXCLUDED.updated_at",
     )
     .bind(account.account_id)
     .bind(account.first_name.trim())
@@ -73,6 +85,10 @@ pub async fn handle(context: &Context, message: &Envelope) -> Result<(), Handler
         ))),
     }
 }
+
+/// How far ahead of our clock the portal's may run before its updates are
+/// refused.
+const MAX_CLOCK_LEAD: chrono::Duration = chrono::Duration::minutes(5);
 
 /// Longer names are not names: a bound keeps a hostile profile from
 /// travelling into notifications and SMS texts.

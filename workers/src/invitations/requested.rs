@@ -24,6 +24,10 @@ use crate::{
     sweeper::{self, SWEEPER},
 };
 
+/// Deliveries after the first on which an unknown truster is retried; with
+/// the default delays they wait about 7 seconds in all.
+const UNKNOWN_TRUSTER_RETRIES: u32 = 3;
+
 pub async fn handle(
     context: &Context,
     settings: &InvitationSettings,
@@ -32,6 +36,15 @@ pub async fn handle(
     let request: InvitationRequested = message.payload_as()?;
     let Some(mut tx) = context.begin(message).await? else { return Ok(()) };
     match check(&mut tx, settings, &request).await? {
+        // Commands are handled concurrently, and an `account.updated` sent
+        // just before may still be in flight or waiting out a fault: an
+        // unknown truster is given a few retries before the refusal.
+        Err(reasons::TRUSTER_UNKNOWN) if context.attempt < UNKNOWN_TRUSTER_RETRIES => {
+            return Err(HandlerError::transient(anyhow::anyhow!(
+                "truster {} not in the ledger yet",
+                request.truster_id
+            )));
+        }
         Err(reason) => {
             let truster = Some(request.truster_id);
             reject_invitation(&mut tx, None, truster, request.truster_id, reason).await?;
