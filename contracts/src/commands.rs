@@ -121,12 +121,13 @@ impl fmt::Debug for RecoveryCodeSubmitted {
     }
 }
 
-/// The contact refuses to approve the recovery. `reason` is one of
-/// [`crate::reasons::decline_reason::ALL`].
+/// The contact refuses to approve the recovery, saying why.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct RecoveryDeclined {
     pub recovery_id: Uuid,
     pub actor_id: Uuid,
+    /// Any other value is refused with `invalid_decline_reason`.
+    #[schemars(schema_with = "crate::reasons::decline_schema")]
     pub reason: String,
 }
 

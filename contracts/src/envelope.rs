@@ -12,8 +12,8 @@ pub const SUPPORTED_VERSION: u32 = 1;
 /// them inside an AMQP short string with room to spare.
 const MAX_ID_LEN: usize = 128;
 
-/// One message as it travels on the wire. `payload` stays untyped until the
-/// handler that owns the message type reads it with [`Envelope::payload_as`].
+/// One message as it travels on the wire: the envelope every command and
+/// event shares, around the payload of its `type`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Envelope<P = serde_json::Value> {
     /// The idempotency key: the same id delivered again changes nothing.

@@ -78,7 +78,7 @@ pub struct InvitationRejected {
     pub truster_id: Option<Uuid>,
     /// Who sent the refused command: the truster, or the invited person.
     pub actor_id: Uuid,
-    /// A code from [`crate::reasons`].
+    #[schemars(schema_with = "crate::reasons::refusal_schema")]
     pub reason: String,
 }
 
@@ -122,7 +122,7 @@ pub struct ContactDisconnectRejected {
     /// The truster's active contact; null when there is none.
     pub contact_id: Option<Uuid>,
     pub actor_id: Uuid,
-    /// A code from [`crate::reasons`].
+    #[schemars(schema_with = "crate::reasons::refusal_schema")]
     pub reason: String,
 }
 
@@ -149,7 +149,7 @@ pub struct RecoveryRejected {
     /// Who sent the refused command; null for `recovery.requested`, which
     /// comes from the portal's recovery flow rather than a person.
     pub actor_id: Option<Uuid>,
-    /// A code from [`crate::reasons`].
+    #[schemars(schema_with = "crate::reasons::refusal_schema")]
     pub reason: String,
 }
 
@@ -174,7 +174,8 @@ pub struct RecoveryCodeRejected {
     pub truster_id: Uuid,
     pub contact_id: Uuid,
     pub attempts_left: u32,
-    /// A code from [`crate::reasons`], e.g. `code_incorrect`, `code_expired`.
+    /// Why, e.g. `code_incorrect` or `code_expired`.
+    #[schemars(schema_with = "crate::reasons::refusal_schema")]
     pub reason: String,
 }
 
@@ -192,7 +193,7 @@ pub struct RecoveryDeclined {
     pub recovery_id: Uuid,
     pub truster_id: Uuid,
     pub contact_id: Uuid,
-    /// One of [`crate::reasons::decline_reason::ALL`].
+    #[schemars(schema_with = "crate::reasons::decline_schema")]
     pub reason: String,
 }
 
@@ -229,7 +230,8 @@ pub struct CabinetNotification {
 pub struct SmsFailed {
     /// The idempotency key the SMS was requested under.
     pub idempotency_key: String,
-    /// A code from [`crate::reasons`], e.g. `sms_rejected`.
+    /// Why, e.g. `sms_rejected`.
+    #[schemars(schema_with = "crate::reasons::refusal_schema")]
     pub reason: String,
 }
 

@@ -146,6 +146,26 @@ pub const ALL: &[&str] = &[
     SMS_ATTEMPTS_EXHAUSTED,
 ];
 
+/// The schema of a `reason` field that carries a refusal code: one of
+/// [`ALL`], listed so that clients in other languages see every code.
+pub fn refusal_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "string",
+        "enum": ALL,
+        "description": "A stable snake_case refusal code; a code, once published, \
+                        keeps its meaning.",
+    })
+}
+
+/// The schema of the reason a contact gives for declining a recovery.
+pub fn decline_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "string",
+        "enum": decline_reason::ALL,
+        "description": "Why the contact declined; read by the fraud team.",
+    })
+}
+
 /// The reasons a contact may give in `recovery.declined`. The fraud team
 /// reads them, so free text is not accepted.
 pub mod decline_reason {

@@ -106,6 +106,24 @@ mod tests {
         assert!(payload.contains("recovery_id"), "payload not described: {payload}");
     }
 
+    #[test]
+    fn refusal_and_decline_reasons_are_listed_for_clients() {
+        let schemas = json_schemas();
+        let rejected = &schemas["events"]["invitation.rejected"];
+        let reason = &rejected["$defs"]["InvitationRejected"]["properties"]["reason"];
+        assert_eq!(reason["enum"], json!(crate::reasons::ALL));
+        let declined = &schemas["commands"]["recovery.declined"];
+        let reason = &declined["$defs"]["RecoveryDeclined"]["properties"]["reason"];
+        assert_eq!(reason["enum"], json!(crate::reasons::decline_reason::ALL));
+        let validator = jsonschema::validator_for(declined).unwrap();
+        let command = Envelope::new_command(
+            "recovery.declined",
+            &json!({ "recovery_id": Uuid::nil(), "actor_id": Uuid::nil(), "reason": "suspect" }),
+        )
+        .unwrap();
+        assert!(!validator.is_valid(&serde_json::to_value(&command).unwrap()));
+    }
+
     /// Serialises `payload` the way a worker publishes it and checks it
     /// against the exported schema, so the schema cannot drift from the types.
     fn assert_published_form_validates<P: Message>(group: &str, payload: P) {
@@ -237,7 +255,8 @@ mod tests {
         assert_published_form_validates("events", wrong);
         let approved = RecoveryApproved { recovery_id, truster_id, contact_id };
         assert_published_form_validates("events", approved);
-        let declined = RecoveryDeclined { recovery_id, truster_id, contact_id, reason: reason() };
+        let reason = crate::reasons::decline_reason::SUSPECTED_FRAUD.to_owned();
+        let declined = RecoveryDeclined { recovery_id, truster_id, contact_id, reason };
         assert_published_form_validates("events", declined);
         let expired = RecoveryExpired { recovery_id, truster_id, contact_id };
         assert_published_form_validates("events", expired);
