@@ -155,7 +155,8 @@ impl PortalClient {
         if let Ok(mut waiters) = self.waiters.lock() {
             waiters.insert(cause.clone(), sender);
         }
-        Outcomes { receiver, cause, waiters: self.waiters.clone() }
+        let flow = envelope.flow_id();
+        Outcomes { receiver, cause, flow, waiters: self.waiters.clone() }
     }
 
     /// Publishes an envelope as it is (a duplicate, if sent twice).
@@ -203,6 +204,10 @@ impl PortalClient {
 pub struct Outcomes {
     receiver: mpsc::UnboundedReceiver<Received>,
     cause: String,
+    /// The command's flow: its outcome carries it. An event the command
+    /// caused in another flow (the end of a recovery request that a
+    /// disconnection ended) is not its outcome.
+    flow: String,
     waiters: Waiters,
 }
 
@@ -215,20 +220,28 @@ impl Outcomes {
             .ok_or_else(|| anyhow!("the event listener stopped"))
     }
 
-    /// Waits for the command's outcome: the first event that is not a cabinet
-    /// notification. Notifications seen on the way are returned with it.
+    /// Waits for the command's outcome: the first event in the command's
+    /// flow that is not a cabinet notification. Notifications and events of
+    /// other flows seen on the way are returned with it.
     pub async fn outcome(&mut self, within: Duration) -> anyhow::Result<(Received, Vec<Received>)> {
         let deadline = tokio::time::Instant::now() + within;
         let mut notifications = Vec::new();
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             let event = self.next(left).await?;
-            if event.envelope.kind == "cabinet.notification" {
+            if !self.is_outcome(&event) {
                 notifications.push(event);
             } else {
                 return Ok((event, notifications));
             }
         }
+    }
+
+    /// Whether `event` reports the command's outcome rather than telling a
+    /// person something or ending another flow.
+    pub fn is_outcome(&self, event: &Received) -> bool {
+        event.envelope.kind != "cabinet.notification"
+            && event.envelope.correlation_id.as_deref() == Some(self.flow.as_str())
     }
 
     /// Whatever else arrives within `within` (notifications that came after
