@@ -87,7 +87,7 @@ impl TestEnv {
     ) -> InProcess {
         let shutdown = CancellationToken::new();
         let handle = tokio::spawn(app::serve(self.settings.clone(), shutdown.clone(), start));
-        InProcess { shutdown, handle }
+        InProcess { stop_on_drop: shutdown.drop_guard(), handle }
     }
 
     /// The service binary as a child process, with this test's settings.
@@ -363,15 +363,17 @@ async fn delete_broker_names(prefix: &str) {
     let _ = connection.close(200, "test cleanup".into()).await;
 }
 
-/// The service running inside the test process.
+/// The service running inside the test process. A test that fails before
+/// calling [`InProcess::stop`] still stops it, so that the service does not
+/// declare its queues again while [`TestEnv`] deletes them.
 pub struct InProcess {
-    pub shutdown: CancellationToken,
+    stop_on_drop: tokio_util::sync::DropGuard,
     pub handle: JoinHandle<anyhow::Result<()>>,
 }
 
 impl InProcess {
     pub async fn stop(self) {
-        self.shutdown.cancel();
+        drop(self.stop_on_drop);
         let result = tokio::time::timeout(Duration::from_secs(30), self.handle)
             .await
             .expect("service did not stop within 30 s")
