@@ -88,20 +88,7 @@ async fn replaying_one_type_at_a_pace_handles_each_once_and_leaves_the_others() 
     env.publish_raw("", &dead_queue, &serde_json::to_vec(&handled).unwrap(), properties).await;
     let by_id = Selection { ids: vec![handled.message_id.to_string()], ..Selection::default() };
     assert_eq!(tool.replay(&by_id, 50.0, false).await.unwrap().replayed, 1);
-    let queue = env.topology().worker_queue("probe");
-    eventually("the replay consumed", Duration::from_secs(10), || async {
-        let declared = env
-            .channel
-            .queue_declare(
-                queue.as_str().into(),
-                lapin::options::QueueDeclareOptions { passive: true, ..Default::default() },
-                Default::default(),
-            )
-            .await
-            .unwrap();
-        declared.message_count() == 0
-    })
-    .await;
+    env.wait_queue_drained("probe", Duration::from_secs(10)).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(count(&env, "SELECT count(*) FROM probe_touches").await, 11);
     assert_eq!(tool.list().await.unwrap().len(), 10);

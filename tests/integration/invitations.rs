@@ -795,20 +795,7 @@ async fn the_contact_may_not_leave_while_a_recovery_of_the_truster_is_active() {
 }
 
 async fn queue_drained(env: &TestEnv) {
-    let queue = env.topology().worker_queue("invitations");
-    eventually("the invitations queue drained", WAIT, || async {
-        let declared = env
-            .channel
-            .queue_declare(
-                queue.as_str().into(),
-                lapin::options::QueueDeclareOptions { passive: true, ..Default::default() },
-                Default::default(),
-            )
-            .await
-            .unwrap();
-        declared.message_count() == 0
-    })
-    .await;
+    env.wait_queue_drained("invitations", WAIT).await;
     // A copy taken off the queue may still be in its handler.
     tokio::time::sleep(Duration::from_millis(300)).await;
 }

@@ -118,19 +118,6 @@ pub(crate) async fn count(env: &TestEnv, sql: &'static str) -> i64 {
     sqlx::query_scalar(sql).fetch_one(&env.pool).await.unwrap()
 }
 
-async fn queue_is_empty(env: &TestEnv, queue: &str) -> bool {
-    let declared = env
-        .channel
-        .queue_declare(
-            queue.into(),
-            lapin::options::QueueDeclareOptions { passive: true, ..Default::default() },
-            Default::default(),
-        )
-        .await
-        .unwrap();
-    declared.message_count() == 0
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn the_same_message_delivered_twice_changes_the_ledger_once() {
     let env = probe_env().await;
@@ -140,9 +127,7 @@ async fn the_same_message_delivered_twice_changes_the_ledger_once() {
     env.publish_envelope(&message).await;
     env.publish_envelope(&message).await;
     events.outcome(&message, "probe.touched").await;
-    let queue = env.topology().worker_queue("probe");
-    eventually("both copies consumed", Duration::from_secs(10), || queue_is_empty(&env, &queue))
-        .await;
+    env.wait_queue_drained("probe", Duration::from_secs(10)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(count(&env, "SELECT count(*) FROM probe_touches").await, 1);
     assert_eq!(events.caused_by(&message).len(), 1);
@@ -168,9 +153,7 @@ async fn copies_delivered_at_once_to_two_consumers_are_handled_once() {
         count(&env, "SELECT count(*) FROM probe_echoes").await == 200
     })
     .await;
-    let queue = env.topology().worker_queue("probe");
-    eventually("all copies consumed", Duration::from_secs(10), || queue_is_empty(&env, &queue))
-        .await;
+    env.wait_queue_drained("probe", Duration::from_secs(10)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(count(&env, "SELECT count(*) FROM probe_touches").await, 200);
     assert_eq!(count(&env, "SELECT count(DISTINCT key) FROM probe_touches").await, 200);
@@ -288,9 +271,7 @@ async fn a_confirmed_row_whose_sent_mark_was_lost_goes_out_again_and_is_ignored(
         count(&env, "SELECT count(*) FROM outbox WHERE sent_at IS NULL").await == 0
     })
     .await;
-    let queue = env.topology().worker_queue("probe");
-    eventually("the repeat consumed", Duration::from_secs(10), || queue_is_empty(&env, &queue))
-        .await;
+    env.wait_queue_drained("probe", Duration::from_secs(10)).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(count(&env, "SELECT count(*) FROM probe_echoes").await, 1);
     service.stop().await;

@@ -16,7 +16,7 @@ use trusted_contact::{
 use trusted_contact_contracts::{Envelope, command_type as cmd, event_type as ev};
 use uuid::Uuid;
 
-use crate::support::{EventTap, InProcess, TestEnv, eventually};
+use crate::support::{EventTap, InProcess, TestEnv};
 
 struct Parties {
     truster: Uuid,
@@ -174,21 +174,7 @@ impl World {
     /// handling, so a drained queue plus a short grace means duplicates were
     /// seen and dropped.
     async fn settle(&self) {
-        let queue = self.env.topology().worker_queue(recovery::NAME);
-        eventually("recovery queue drained", Duration::from_secs(10), || async {
-            let declared = self
-                .env
-                .channel
-                .queue_declare(
-                    queue.as_str().into(),
-                    lapin::options::QueueDeclareOptions { passive: true, ..Default::default() },
-                    Default::default(),
-                )
-                .await
-                .unwrap();
-            declared.message_count() == 0
-        })
-        .await;
+        self.env.wait_queue_drained(recovery::NAME, Duration::from_secs(10)).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }

@@ -259,8 +259,7 @@ async fn the_same_request_arriving_twice_is_delivered_once() {
     env.publish_internal(&first).await;
     env.publish_internal(&again).await;
     wait_until_sent(&env, 1, Duration::from_secs(10)).await;
-    let queue = env.topology().worker_queue(SPEC.name);
-    eventually("the queue drained", Duration::from_secs(10), || queue_is_empty(&env, &queue)).await;
+    env.wait_queue_drained(SPEC.name, Duration::from_secs(10)).await;
     service.stop().await;
 
     assert_each_delivered_once(&env, &gateway, std::slice::from_ref(&request)).await;
@@ -518,17 +517,4 @@ async fn a_worker_killed_in_the_middle_of_1000_sms_delivers_each_exactly_once_af
     assert_each_delivered_once(&env, &gateway, &requests).await;
     let resent = gateway.requests().await.iter().filter(|r| r.status == 200).count();
     println!("killed after {delivered_before} deliveries; {resent} sends repeated after restart");
-}
-
-async fn queue_is_empty(env: &TestEnv, queue: &str) -> bool {
-    let declared = env
-        .channel
-        .queue_declare(
-            queue.into(),
-            lapin::options::QueueDeclareOptions { passive: true, ..Default::default() },
-            Default::default(),
-        )
-        .await
-        .unwrap();
-    declared.message_count() == 0
 }

@@ -286,6 +286,26 @@ impl TestEnv {
         }
     }
 
+    /// Waits until `worker`'s queue holds no ready message. The count leaves
+    /// out deliveries still in a handler (the runtime acks only after
+    /// handling), so callers that assert on the ledger add a short grace.
+    pub async fn wait_queue_drained(&self, worker: &str, within: Duration) {
+        let queue = self.topology().worker_queue(worker);
+        eventually(&format!("{queue} drained"), within, || async {
+            let declared = self
+                .channel
+                .queue_declare(
+                    queue.as_str().into(),
+                    QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() },
+                    FieldTable::default(),
+                )
+                .await
+                .expect("passive queue_declare");
+            declared.message_count() == 0
+        })
+        .await;
+    }
+
     /// Closes the broker connections of this test's service, as a broker
     /// restart would, leaving other tests' connections alone.
     pub async fn close_service_connections(&self) -> usize {
