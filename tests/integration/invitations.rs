@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use trusted_contact::{
     app,
     invitations::{InvitationSettings, Invitations},
-    runtime::message::properties_for,
+    runtime::message::properties_of,
     sweeper::{self, SweeperSettings},
 };
 use trusted_contact_contracts::{Envelope, moscow_today};
@@ -1055,13 +1055,7 @@ async fn a_failed_invitation_sms_tells_the_truster_and_keeps_the_invitation() {
         )
         .unwrap();
     let queue = env.topology().worker_queue("invitations");
-    let properties = properties_for(
-        failed.message_id,
-        &failed.kind,
-        failed.correlation_id.as_deref(),
-        failed.causation_id.as_deref(),
-        failed.occurred_at,
-    );
+    let properties = properties_of(&failed);
     env.publish_raw("", &queue, &serde_json::to_vec(&failed).unwrap(), properties).await;
     let notice = events
         .wait_until("the truster told", WAIT, |seen| {

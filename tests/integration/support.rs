@@ -25,7 +25,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use trusted_contact::{
     app,
-    runtime::{Runtime, WorkerSpec, message::properties_for},
+    runtime::{Runtime, WorkerSpec, message::properties_of},
     settings::{Secret, Settings},
 };
 use trusted_contact_contracts::{Envelope, Topology};
@@ -142,13 +142,7 @@ impl TestEnv {
     /// Publishes an envelope with the properties the service's outbox gives.
     async fn publish_to(&self, exchange: &str, routing_key: &str, envelope: &Envelope) {
         let body = serde_json::to_vec(envelope).expect("json");
-        let properties = properties_for(
-            envelope.message_id,
-            &envelope.kind,
-            envelope.correlation_id.as_deref(),
-            envelope.causation_id.as_deref(),
-            envelope.occurred_at,
-        );
+        let properties = properties_of(envelope);
         self.publish_raw(exchange, routing_key, &body, properties).await;
     }
 

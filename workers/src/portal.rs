@@ -25,7 +25,7 @@ use trusted_contact_contracts::Envelope;
 
 use crate::{
     app::service_topology,
-    runtime::{broker, message::properties_for},
+    runtime::{broker, message::properties_of},
     settings::Settings,
 };
 
@@ -162,13 +162,7 @@ impl PortalClient {
     /// Publishes an envelope as it is (a duplicate, if sent twice).
     pub async fn publish(&self, envelope: &Envelope) -> anyhow::Result<()> {
         let body = serde_json::to_vec(envelope)?;
-        let properties = properties_for(
-            envelope.message_id,
-            &envelope.kind,
-            envelope.correlation_id.as_deref(),
-            envelope.causation_id.as_deref(),
-            envelope.occurred_at,
-        );
+        let properties = properties_of(envelope);
         let turn = self.next_channel.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let confirm = self.channels[turn % self.channels.len()]
             .basic_publish(

@@ -18,7 +18,7 @@ use crate::{
     recovery,
     runtime::{
         Context, HandlerError, Publisher, Runtime, Source, Worker, WorkerSpec, broker::Publication,
-        message::properties_for,
+        message::properties_of,
     },
     settings::{millis_var, parse_var},
     telemetry::redact_for_log,
@@ -171,13 +171,7 @@ async fn send_to_self(
                 routing_key: queue.clone(),
                 delay: Duration::ZERO,
                 body: serde_json::to_vec(envelope)?,
-                properties: properties_for(
-                    envelope.message_id,
-                    &envelope.kind,
-                    envelope.correlation_id.as_deref(),
-                    envelope.causation_id.as_deref(),
-                    envelope.occurred_at,
-                ),
+                properties: properties_of(envelope),
             })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;

@@ -2,6 +2,7 @@
 
 use chrono::{DateTime, Utc};
 use lapin::{BasicProperties, types::FieldTable};
+use trusted_contact_contracts::Envelope;
 use uuid::Uuid;
 
 use super::headers;
@@ -33,4 +34,15 @@ pub fn properties_for(
         Some(correlation) => properties.with_correlation_id(correlation.into()),
         None => properties,
     }
+}
+
+/// [`properties_for`] the ids, type and time an envelope carries.
+pub fn properties_of(envelope: &Envelope) -> BasicProperties {
+    properties_for(
+        envelope.message_id,
+        &envelope.kind,
+        envelope.correlation_id.as_deref(),
+        envelope.causation_id.as_deref(),
+        envelope.occurred_at,
+    )
 }
