@@ -249,6 +249,54 @@ async fn bad_messages_are_dead_lettered_with_their_reason_and_the_next_flows() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_message_whose_route_does_not_fit_its_type_is_dead_lettered_unhandled() {
+    let env = probe_env().await;
+    let events = env.tap_events().await;
+    let service = start_probe(&env);
+    let exchange = env.topology().commands_exchange();
+    // An internal message sent as a command, and a command under another
+    // command's routing key: both bound to the probe's queue, neither fits.
+    let internal = Envelope::new_command("probe.echo", &json!({ "key": "forged" })).unwrap();
+    let misrouted = Envelope::new_command("probe.touch", &json!({ "key": "misrouted" })).unwrap();
+    for (envelope, routing_key, error) in [
+        (&internal, "probe.touch", "does not handle message type"),
+        (&misrouted, "probe.flaky", "does not match message type"),
+    ] {
+        let body = serde_json::to_vec(envelope).unwrap();
+        let properties = lapin::BasicProperties::default().with_delivery_mode(2);
+        env.publish_raw(&exchange, routing_key, &body, properties).await;
+        let dead = env.wait_dead_letters("probe", 1, Duration::from_secs(5)).await;
+        assert_eq!(dead.len(), 1, "{} under {routing_key} was not dead-lettered", envelope.kind);
+        let table = dead[0].properties.headers().clone().unwrap();
+        assert_eq!(headers::get_str(&table, headers::FAILURE_KIND).as_deref(), Some("malformed"));
+        let text = headers::get_str(&table, headers::ERROR).unwrap();
+        assert!(text.contains(error), "{text}");
+    }
+    let good = env.command("probe.touch", &json!({ "key": "after" })).await;
+    events.outcome(&good, "probe.touched").await;
+    assert_eq!(count(&env, "SELECT count(*) FROM probe_echoes WHERE key = 'forged'").await, 0);
+    let misrouted_touches = "SELECT count(*) FROM probe_touches WHERE key = 'misrouted'";
+    assert_eq!(count(&env, misrouted_touches).await, 0);
+    service.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_letter_header_names_the_bad_field_without_quoting_its_value() {
+    let env = probe_env().await;
+    let service = start_probe(&env);
+    // A phone where the probe expects a string key: serde's error quotes it.
+    env.command("probe.touch", &json!({ "key": 79001234567_u64 })).await;
+    let dead = env.wait_dead_letters("probe", 1, Duration::from_secs(5)).await;
+    assert_eq!(dead.len(), 1);
+    let table = dead[0].properties.headers().clone().unwrap();
+    let text = headers::get_str(&table, headers::ERROR).unwrap();
+    assert!(text.contains("payload of probe.touch is invalid"), "{text}");
+    assert!(text.contains("expected a string"), "{text}");
+    assert!(!text.contains("79001234567") && !text.contains("1234567"), "{text}");
+    service.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_confirmed_row_whose_sent_mark_was_lost_goes_out_again_and_is_ignored() {
     let env = probe_env().await;
     let echoes = env.tap_internal("probe.echo").await;

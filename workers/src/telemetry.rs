@@ -24,9 +24,8 @@ pub fn init() {
 }
 
 /// Error texts may quote the input that caused them (serde does, for one).
-/// Before such a text reaches a log line, quoted values are blanked and long
-/// digit runs (phones, dates, codes) masked. The dead-letter headers keep the
-/// full text for the operators' tool.
+/// Before such a text reaches a log line or a dead-letter header, quoted
+/// values are blanked and long digit runs (phones, dates, codes) masked.
 pub fn redact_for_log(text: &str) -> String {
     let chars: Vec<char> = text.chars().collect();
     let mut out = String::with_capacity(text.len());

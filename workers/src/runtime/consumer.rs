@@ -4,7 +4,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use anyhow::{Context as _, anyhow};
+use anyhow::{Context as _, anyhow, bail};
 use backon::{BackoffBuilder, ExponentialBuilder};
 use chrono::Utc;
 use futures::StreamExt;
@@ -17,11 +17,11 @@ use lapin::{
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument;
-use trusted_contact_contracts::Envelope;
+use trusted_contact_contracts::{Envelope, Topology};
 
 use super::{
     Context, Worker,
-    broker::{self, Publication, Publisher, WorkerSpec},
+    broker::{self, Publication, Publisher, Source, WorkerSpec},
     failure::HandlerError,
     headers,
     health::Health,
@@ -197,12 +197,11 @@ impl<W: Worker> Step<W> {
         };
         let span = tracing::Span::current();
         span.record("message.id", tracing::field::display(envelope.message_id));
-        span.record("message.type", envelope.kind.as_str());
         span.record("correlation_id", envelope.flow_id().as_str());
-        if !spec.bindings.iter().any(|(_, kind)| *kind == envelope.kind) {
-            let error = anyhow!("{} does not handle message type {:?}", spec.name, envelope.kind);
+        if let Err(error) = check_route(&spec, &self.context.topology, &delivery, &envelope.kind) {
             return self.dead_letter(delivery, FailureKind::Malformed, &error).await;
         }
+        span.record("message.type", envelope.kind.as_str());
         let started = std::time::Instant::now();
         let labels = message_labels(spec.name, &envelope.kind);
         let outcome = self.worker.handle(&self.context, &envelope).await;
@@ -258,13 +257,14 @@ impl<W: Worker> Step<W> {
             return self.dead_letter(delivery, FailureKind::RetriesExhausted, error).await;
         }
         let delay = retry_delay(&self.settings, failed).max(retry_after.unwrap_or_default());
+        let error = redact_for_log(&format!("{error:#}"));
         tracing::warn!(
-            error = redact_for_log(&format!("{error:#}")),
+            error = %error,
             attempt = failed,
             retry_in_ms = delay.as_millis() as u64,
             "transient failure, retrying later"
         );
-        let mut table = failure_headers(&delivery, table, failed, error);
+        let mut table = failure_headers(&delivery, table, failed, &error);
         headers::set_str(&mut table, headers::WORKER, self.worker.spec().name);
         let message_type = delivery.properties.kind().as_ref().map(|k| k.to_string());
         let labels = message_labels(self.worker.spec().name, message_type.as_deref().unwrap_or(""));
@@ -286,9 +286,6 @@ impl<W: Worker> Step<W> {
         let spec = self.worker.spec();
         let table = delivery.properties.headers().clone().unwrap_or_default();
         let attempts = headers::get_u32(&table, headers::ATTEMPTS).unwrap_or(0).saturating_add(1);
-        let mut table = failure_headers(&delivery, table, attempts, error);
-        headers::set_str(&mut table, headers::WORKER, spec.name);
-        headers::set_str(&mut table, headers::FAILURE_KIND, kind.as_str());
         let message_type = delivery.properties.kind().as_ref().map(|k| k.to_string());
         let labels =
             failure_labels(spec.name, message_type.as_deref().unwrap_or(""), kind.as_str());
@@ -296,12 +293,16 @@ impl<W: Worker> Step<W> {
         if !matches!(kind, FailureKind::RetriesExhausted) {
             METRICS.failed.get_or_create(&labels).inc();
         }
+        let error = redact_for_log(&format!("{error:#}"));
         tracing::error!(
-            error = redact_for_log(&format!("{error:#}")),
+            error = %error,
             failure = kind.as_str(),
             attempts,
             "message failed for good, dead-lettering"
         );
+        let mut table = failure_headers(&delivery, table, attempts, &error);
+        headers::set_str(&mut table, headers::WORKER, spec.name);
+        headers::set_str(&mut table, headers::FAILURE_KIND, kind.as_str());
         let publication = Publication {
             exchange: String::new(),
             routing_key: self.context.topology.dead_letter_queue(spec.name),
@@ -314,6 +315,40 @@ impl<W: Worker> Step<W> {
             Err(publish_error) => self.give_back(&delivery, publish_error).await,
         }
     }
+}
+
+/// Whether the way a delivery arrived fits its type: a command only from the
+/// commands exchange, an internal request only from the internal exchange,
+/// each under its own type as routing key. Retries, deadlines and replies
+/// come through the default exchange, which only the service publishes to.
+/// So nobody who may publish commands reaches a handler meant for replies.
+fn check_route(
+    spec: &WorkerSpec,
+    topology: &Topology,
+    delivery: &Delivery,
+    kind: &str,
+) -> anyhow::Result<()> {
+    let exchange = delivery.exchange.as_str();
+    let source = if exchange.is_empty() {
+        None
+    } else if exchange == topology.commands_exchange() {
+        Some(Source::Commands)
+    } else if exchange == topology.internal_exchange() {
+        Some(Source::Internal)
+    } else {
+        bail!("arrived through exchange {exchange:?}, which {} does not read", spec.name);
+    };
+    let bound = spec.bindings.iter().any(|(bound_from, bound_kind)| {
+        *bound_kind == kind && source.is_none_or(|s| s == *bound_from)
+    });
+    if !bound {
+        bail!("{} does not handle message type {kind:?} from exchange {exchange:?}", spec.name);
+    }
+    let routing_key = delivery.routing_key.as_str();
+    if source.is_some() && routing_key != kind {
+        bail!("routing key {routing_key:?} does not match message type {kind:?}");
+    }
+    Ok(())
 }
 
 /// The delay before the next attempt after `failed` failures: exponential
@@ -330,12 +365,15 @@ fn retry_delay(settings: &Settings, failed: u32) -> Duration {
         .unwrap_or(settings.retry_max_delay)
 }
 
-/// The failure history a retried or dead-lettered copy carries.
+/// The failure history a retried or dead-lettered copy carries. `error` is
+/// the redacted text: the body still holds the values for whoever needs them,
+/// while the header, which `dlq list` prints and broker UIs show, keeps only
+/// the shape of what went wrong.
 fn failure_headers(
     delivery: &Delivery,
     mut table: FieldTable,
     attempts: u32,
-    error: &anyhow::Error,
+    error: &str,
 ) -> FieldTable {
     let now = Utc::now();
     headers::set_u32(&mut table, headers::ATTEMPTS, attempts);
@@ -343,7 +381,7 @@ fn failure_headers(
         headers::set_time(&mut table, headers::FIRST_FAILURE_AT, now);
     }
     headers::set_time(&mut table, headers::LAST_FAILURE_AT, now);
-    let mut text = format!("{error:#}");
+    let mut text = error.to_owned();
     text.truncate(text.floor_char_boundary(2_000));
     headers::set_str(&mut table, headers::ERROR, text);
     if headers::get_str(&table, headers::ORIGINAL_EXCHANGE).is_none() {
