@@ -496,6 +496,37 @@ async fn a_refused_token_dead_letters_the_request_without_failing_the_sms() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_request_the_provider_rejects_itself_is_kept_and_its_replay_after_the_fix_delivers() {
+    let env = sms_env().await;
+    let gateway = Gateway::start(Behaviour::default()).await;
+    // A wrong path in TC_SMS_GATEWAY_URL: the provider answers 404, which
+    // says nothing about the recipient.
+    let misconfigured =
+        SmsSettings { gateway_url: format!("{}/wrong", gateway.base), ..gateway.settings(SECOND) };
+    let service = start_worker(&env, misconfigured);
+    let request = request_to("+79001234567");
+    let message = envelope(&request);
+    env.publish_internal(&message).await;
+    let dead = env.wait_dead_letters(SPEC.name, 1, Duration::from_secs(10)).await;
+    service.stop().await;
+
+    assert_eq!(dead.len(), 1, "kept for a replay once the URL is fixed");
+    let row = &ledger(&env).await[&request.idempotency_key];
+    assert_eq!(row.status, "queued");
+    assert_eq!(row.failure_reason, None);
+    assert_eq!(row.last_error.as_deref(), Some("http_404"));
+    assert!(env.take_from_worker_queue(REQUESTER.name).await.is_empty(), "nothing failed");
+
+    // The operator fixes the URL and replays the dead letter as it was.
+    let service = start_worker(&env, gateway.settings(SECOND));
+    env.publish_internal(&message).await;
+    wait_until_sent(&env, 1, Duration::from_secs(10)).await;
+    service.stop().await;
+    assert_each_delivered_once(&env, &gateway, std::slice::from_ref(&request)).await;
+    assert!(env.take_from_worker_queue(REQUESTER.name).await.is_empty(), "nothing failed");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_worker_killed_in_the_middle_of_1000_sms_delivers_each_exactly_once_after_restart() {
     let env = sms_env().await;
     let gateway = Gateway::start(Behaviour::default()).await;

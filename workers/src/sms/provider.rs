@@ -61,11 +61,21 @@ pub enum ProviderError {
         #[source]
         source: Option<reqwest::Error>,
     },
-    /// The same request will never succeed: the number or the recipient is
-    /// refused.
-    #[error("SMS provider refused the message: {reason}")]
-    Permanent { reason: String },
+    /// The provider refused the recipient (an invalid or a blocked number):
+    /// this SMS will never go through, and the requesting flow must hear so.
+    #[error("SMS provider refused the recipient: {reason}")]
+    Refused { reason: String },
+    /// The provider turned down the request itself (our credentials, the
+    /// endpoint, the account, the request's shape), or refused without saying
+    /// why. Nothing says the SMS is undeliverable: it may go once an operator
+    /// has fixed the cause and replayed it.
+    #[error("SMS provider rejected the request: {reason}")]
+    Rejected { reason: String },
 }
+
+/// The provider's error codes that refuse a recipient rather than a request.
+/// Anything else that is not transient is taken as our side's problem.
+const RECIPIENT_REFUSALS: &[&str] = &["invalid_number", "blocked_recipient"];
 
 impl ProviderError {
     pub fn is_transient(&self) -> bool {
@@ -75,13 +85,15 @@ impl ProviderError {
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
             Self::Transient { retry_after, .. } => *retry_after,
-            Self::Permanent { .. } => None,
+            Self::Refused { .. } | Self::Rejected { .. } => None,
         }
     }
 
     pub fn reason(&self) -> &str {
         match self {
-            Self::Transient { reason, .. } | Self::Permanent { reason } => reason,
+            Self::Transient { reason, .. }
+            | Self::Refused { reason }
+            | Self::Rejected { reason } => reason,
         }
     }
 }
@@ -222,8 +234,10 @@ fn classify_status(
         || status == StatusCode::REQUEST_TIMEOUT;
     if transient {
         ProviderError::Transient { reason, retry_after, source: None }
+    } else if RECIPIENT_REFUSALS.contains(&reason.as_str()) {
+        ProviderError::Refused { reason }
     } else {
-        ProviderError::Permanent { reason }
+        ProviderError::Rejected { reason }
     }
 }
 
@@ -270,7 +284,7 @@ mod tests {
     }
 
     #[test]
-    fn server_errors_and_throttling_are_transient_other_refusals_permanent() {
+    fn server_errors_and_throttling_are_transient_a_bad_recipient_refused_the_rest_rejected() {
         let hint = Some(Duration::from_secs(3));
         let throttled = classify_status(StatusCode::TOO_MANY_REQUESTS, None, hint);
         assert!(throttled.is_transient());
@@ -279,11 +293,26 @@ mod tests {
         assert!(classify_status(StatusCode::BAD_GATEWAY, None, None).is_transient());
 
         let invalid = classify_status(StatusCode::BAD_REQUEST, Some("invalid_number".into()), None);
-        assert!(!invalid.is_transient());
-        assert_eq!(invalid.reason(), "invalid_number");
+        assert!(
+            matches!(&invalid, ProviderError::Refused { reason } if reason == "invalid_number")
+        );
+        let blocked =
+            classify_status(StatusCode::FORBIDDEN, Some("blocked_recipient".into()), None);
+        assert!(matches!(blocked, ProviderError::Refused { .. }));
+
         let unauthorized = classify_status(StatusCode::UNAUTHORIZED, None, None);
-        assert_eq!(unauthorized.reason(), "http_401");
-        assert!(!unauthorized.is_transient());
+        assert!(
+            matches!(&unauthorized, ProviderError::Rejected { reason } if reason == "http_401")
+        );
+        for (status, code) in [
+            (StatusCode::NOT_FOUND, None),
+            (StatusCode::PAYMENT_REQUIRED, Some("insufficient_funds".to_owned())),
+            (StatusCode::FORBIDDEN, Some("sender_suspended".to_owned())),
+            (StatusCode::BAD_REQUEST, Some("invalid_request".to_owned())),
+        ] {
+            let error = classify_status(status, code, None);
+            assert!(matches!(error, ProviderError::Rejected { .. }), "{status}: {error:?}");
+        }
     }
 
     #[test]

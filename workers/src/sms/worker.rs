@@ -31,11 +31,6 @@ pub const SPEC: WorkerSpec =
 /// The stable code the ledger keeps when a number is refused before any send.
 const INVALID_NUMBER: &str = "invalid_number";
 
-/// Refusals that say our credentials are wrong, not that the SMS is: failing
-/// the SMS would tell the requesting flow something false, so the request is
-/// dead-lettered for replay once the token is fixed.
-const CREDENTIAL_REFUSALS: &[&str] = &["unauthorized", "http_401"];
-
 /// How the worker reaches the provider, read from `TC_SMS_*` at start-up.
 #[derive(Debug, Clone)]
 pub struct SmsSettings {
@@ -144,18 +139,19 @@ impl<P: SmsProvider + 'static> SmsWorker<P> {
         };
         match self.provider.send(&sms).await {
             Ok(accepted) => record_sent(context, message, request, &accepted.provider_id).await,
-            Err(ProviderError::Permanent { reason })
-                if CREDENTIAL_REFUSALS.contains(&reason.as_str()) =>
-            {
+            // Failing the SMS would tell the requesting flow something false:
+            // the request is dead-lettered, unhandled, for replay once the
+            // cause (a token, a URL, the account's balance) is fixed.
+            Err(ProviderError::Rejected { reason }) => {
                 if let Err(db) = record_not_sent(&context.pool, request, &reason).await {
-                    tracing::warn!(error = %db, "cannot record the refused sms attempt");
+                    tracing::warn!(error = %db, "cannot record the rejected sms attempt");
                 }
                 Err(HandlerError::permanent(anyhow::anyhow!(
-                    "the SMS provider refused our credentials ({reason}); \
-                     check TC_SMS_GATEWAY_TOKEN and replay"
+                    "the SMS provider rejected the request ({reason}); check \
+                     TC_SMS_GATEWAY_URL, TC_SMS_GATEWAY_TOKEN and the provider account, then replay"
                 )))
             }
-            Err(ProviderError::Permanent { reason }) => {
+            Err(ProviderError::Refused { reason }) => {
                 let refusal = Refusal { reason: &reason, told: reasons::SMS_REJECTED };
                 record_failed(context, message, request, &phone, refusal).await
             }
