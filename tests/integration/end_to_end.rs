@@ -32,7 +32,7 @@ async fn start_gateway() -> (String, tokio_util::sync::CancellationToken) {
 fn start_everything(env: &TestEnv, gateway_url: &str) -> crate::support::InProcess {
     let mut sms_settings = SmsSettings::from_env(&Environment::Development).unwrap();
     sms_settings.gateway_url = gateway_url.to_owned();
-    let sms = SmsWorker::from_settings(&sms_settings, env.settings.retry_limit).unwrap();
+    let sms = SmsWorker::from_settings(&sms_settings).unwrap();
     let recovery = RecoverySettings::from_env(&Environment::Development).unwrap();
     let sweep = SweeperSettings { interval: Duration::from_secs(5), batch: 100 };
     let invitations = InvitationSettings::from_env().unwrap();

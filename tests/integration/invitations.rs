@@ -181,6 +181,28 @@ async fn connect(env: &TestEnv, events: &EventTap, contact: Uuid, person: &Perso
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_truster_the_ledger_never_heard_of_is_refused_after_a_few_retries_whatever_the_limit() {
+    // With the default limit the handler gives up on its own; with a limit
+    // lower than its own count, on the last delivery the runtime allows,
+    // instead of letting the command be dead-lettered without an outcome.
+    for retry_limit in [5, 2] {
+        let (mut env, events) = world().await;
+        env.settings.retry_limit = retry_limit;
+        let service = start(&env, Duration::from_secs(600), false);
+        let contact = adult("Мария");
+        seed(&env, &contact).await;
+        let stranger = Uuid::now_v7();
+        let refused =
+            invite(&env, &events, stranger, &contact.first, contact.phone.as_deref().unwrap())
+                .await;
+        assert_eq!(refused.kind, "invitation.rejected", "limit {retry_limit}");
+        assert_eq!(refused.payload["reason"], "truster_unknown", "limit {retry_limit}");
+        assert!(env.dead_letters("invitations").await.is_empty(), "limit {retry_limit}");
+        service.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn each_eligibility_rule_refuses_with_its_own_reason_on_either_side() {
     let (env, events) = world().await;
     let service = start(&env, Duration::from_secs(600), false);

@@ -98,7 +98,7 @@ async fn sms_env() -> TestEnv {
 }
 
 fn start_worker(env: &TestEnv, settings: SmsSettings) -> InProcess {
-    let worker = SmsWorker::from_settings(&settings, env.settings.retry_limit).unwrap();
+    let worker = SmsWorker::from_settings(&settings).unwrap();
     env.serve(move |runtime| vec![runtime.spawn_worker(worker, vec![SPEC, REQUESTER])])
 }
 

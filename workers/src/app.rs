@@ -71,7 +71,6 @@ impl Started {
             }
             WorkerName::Sms => Started::Sms(Box::new(SmsWorker::from_settings(
                 &SmsSettings::from_env(&settings.environment)?,
-                settings.retry_limit,
             )?)),
         })
     }

@@ -24,8 +24,9 @@ use crate::{
     sweeper::{self, SWEEPER},
 };
 
-/// Deliveries after the first on which an unknown truster is retried; with
-/// the default delays they wait about 7 seconds in all.
+/// Deliveries after the first on which an unknown truster is retried (fewer
+/// if the runtime's retry limit is lower); with the default delays they wait
+/// about 7 seconds in all.
 const UNKNOWN_TRUSTER_RETRIES: u32 = 3;
 
 pub async fn handle(
@@ -39,7 +40,9 @@ pub async fn handle(
         // Commands are handled concurrently, and an `account.updated` sent
         // just before may still be in flight or waiting out a fault: an
         // unknown truster is given a few retries before the refusal.
-        Err(reasons::TRUSTER_UNKNOWN) if context.attempt < UNKNOWN_TRUSTER_RETRIES => {
+        Err(reasons::TRUSTER_UNKNOWN)
+            if context.attempt < UNKNOWN_TRUSTER_RETRIES && context.may_retry() =>
+        {
             return Err(HandlerError::transient(anyhow::anyhow!(
                 "truster {} not in the ledger yet",
                 request.truster_id

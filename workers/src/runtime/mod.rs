@@ -50,10 +50,19 @@ pub struct Context {
     /// Failed attempts before this delivery (0 on the first), from the
     /// runtime's own header.
     pub attempt: u32,
+    /// Deliveries a message gets before a transient failure dead-letters it.
+    retry_limit: u32,
     outbox: OutboxSignal,
 }
 
 impl Context {
+    /// Whether a transient failure of this delivery would still be retried.
+    /// A handler that must not leave its flow without an outcome refuses or
+    /// fails on the last delivery instead of letting it be dead-lettered.
+    pub fn may_retry(&self) -> bool {
+        self.attempt.saturating_add(1) < self.retry_limit
+    }
+
     /// Opens the ledger transaction for `message`, or `None` if this worker
     /// has already handled it.
     pub async fn begin(&self, message: &Envelope) -> Result<Option<LedgerTx>, sqlx::Error> {
@@ -141,6 +150,7 @@ impl Runtime {
             topology: self.settings.topology.clone(),
             consumer: worker.spec().name,
             attempt: 0,
+            retry_limit: self.settings.retry_limit,
             outbox: self.outbox.clone(),
         };
         self.health.register(worker.spec().name);

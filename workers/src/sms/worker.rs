@@ -74,10 +74,6 @@ const fn non_zero(n: u32) -> NonZeroU32 {
 /// all on this value, so a rate limit inside `P` is shared by all of them.
 pub struct SmsWorker<P> {
     provider: P,
-    /// The runtime's `retry_limit`: on the last delivery it allows, a
-    /// transient failure fails the SMS, so the requesting flow hears of it
-    /// instead of waiting for an SMS that will never come.
-    retry_limit: u32,
     seal: CodeSeal,
 }
 
@@ -85,7 +81,7 @@ pub struct SmsWorker<P> {
 pub type ProductionProvider = RateLimitedProvider<HttpSmsProvider>;
 
 impl SmsWorker<ProductionProvider> {
-    pub fn from_settings(settings: &SmsSettings, retry_limit: u32) -> anyhow::Result<Self> {
+    pub fn from_settings(settings: &SmsSettings) -> anyhow::Result<Self> {
         reqwest::Url::parse(&settings.gateway_url).context("TC_SMS_GATEWAY_URL is not a URL")?;
         let http = HttpSmsProvider::new(
             &settings.gateway_url,
@@ -94,13 +90,13 @@ impl SmsWorker<ProductionProvider> {
         )?;
         let limiter = SendRateLimiter::new(settings.rate_per_sec, settings.burst);
         let seal = CodeSeal::new(&settings.code_secret)?;
-        Ok(SmsWorker::new(RateLimitedProvider::new(http, limiter), retry_limit, seal))
+        Ok(SmsWorker::new(RateLimitedProvider::new(http, limiter), seal))
     }
 }
 
 impl<P: SmsProvider + 'static> SmsWorker<P> {
-    pub fn new(provider: P, retry_limit: u32, seal: CodeSeal) -> Self {
-        SmsWorker { provider, retry_limit, seal }
+    pub fn new(provider: P, seal: CodeSeal) -> Self {
+        SmsWorker { provider, seal }
     }
 
     /// One request, in three steps so that no transaction is open while the
@@ -155,7 +151,10 @@ impl<P: SmsProvider + 'static> SmsWorker<P> {
                 let refusal = Refusal { reason: &reason, told: reasons::SMS_REJECTED };
                 record_failed(context, message, request, &phone, refusal).await
             }
-            Err(error) if context.attempt.saturating_add(1) >= self.retry_limit => {
+            // On the last delivery the runtime allows, the SMS fails, so the
+            // requesting flow hears of it instead of waiting for an SMS that
+            // will never come.
+            Err(error) if !context.may_retry() => {
                 tracing::warn!(
                     sms.idempotency_key = %request.idempotency_key,
                     sms.attempt = attempt,
