@@ -281,6 +281,22 @@ async fn a_message_whose_route_does_not_fit_its_type_is_dead_lettered_unhandled(
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_type_the_worker_does_not_handle_is_counted_as_other_not_as_a_new_metric() {
+    let env = probe_env().await;
+    let service = start_probe(&env);
+    let invented = format!("probe.invented-{}", uuid::Uuid::new_v4().simple());
+    let properties = lapin::BasicProperties::default().with_type(invented.as_str().into());
+    let exchange = env.topology().commands_exchange();
+    env.publish_raw(&exchange, "probe.touch", b"not json", properties).await;
+    assert_eq!(env.wait_dead_letters("probe", 1, Duration::from_secs(5)).await.len(), 1);
+    service.stop().await;
+    let metrics = trusted_contact::runtime::metrics::METRICS.encode();
+    assert!(!metrics.contains(&invented), "a sender's type became a label");
+    let other = r#"worker="probe",message_type="other",kind="malformed""#;
+    assert!(metrics.contains(other), "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_dead_letter_header_names_the_bad_field_without_quoting_its_value() {
     let env = probe_env().await;
     let service = start_probe(&env);

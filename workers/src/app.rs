@@ -149,7 +149,14 @@ pub async fn serve(
         }
     }
     relay_shutdown.cancel();
-    let _ = relay.await;
+    // A broker that blocks publishers (a resource alarm) would hold the last
+    // flush forever; what it leaves unsent stays in the outbox for the next
+    // relay, so the process may go.
+    if tokio::time::timeout(runtime.settings.shutdown_grace, relay).await.is_err() {
+        tracing::warn!(
+            "outbox not flushed within the shutdown grace; rows stay for the next relay"
+        );
+    }
     http_shutdown.cancel();
     runtime.publisher.close().await;
     pool.close().await;

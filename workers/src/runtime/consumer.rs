@@ -223,6 +223,19 @@ impl<W: Worker> Step<W> {
         }
     }
 
+    /// The message type as a metric label: one the worker handles, else
+    /// `other`, so that a sender cannot grow the metrics without bound.
+    fn type_label(&self, delivery: &Delivery) -> &'static str {
+        let sent_as = delivery.properties.kind().as_ref().map(|kind| kind.as_str());
+        self.worker
+            .spec()
+            .bindings
+            .iter()
+            .map(|(_, kind)| *kind)
+            .find(|kind| Some(*kind) == sent_as)
+            .unwrap_or("other")
+    }
+
     async fn ack(&self, delivery: &Delivery) {
         if let Err(error) = delivery.ack(BasicAckOptions::default()).await {
             // The work is committed; the redelivery will find it in the inbox.
@@ -266,8 +279,7 @@ impl<W: Worker> Step<W> {
         );
         let mut table = failure_headers(&delivery, table, failed, &error);
         headers::set_str(&mut table, headers::WORKER, self.worker.spec().name);
-        let message_type = delivery.properties.kind().as_ref().map(|k| k.to_string());
-        let labels = message_labels(self.worker.spec().name, message_type.as_deref().unwrap_or(""));
+        let labels = message_labels(self.worker.spec().name, self.type_label(&delivery));
         METRICS.retried.get_or_create(&labels).inc();
         let publication = Publication {
             exchange: String::new(),
@@ -286,9 +298,7 @@ impl<W: Worker> Step<W> {
         let spec = self.worker.spec();
         let table = delivery.properties.headers().clone().unwrap_or_default();
         let attempts = headers::get_u32(&table, headers::ATTEMPTS).unwrap_or(0).saturating_add(1);
-        let message_type = delivery.properties.kind().as_ref().map(|k| k.to_string());
-        let labels =
-            failure_labels(spec.name, message_type.as_deref().unwrap_or(""), kind.as_str());
+        let labels = failure_labels(spec.name, self.type_label(&delivery), kind.as_str());
         METRICS.dead_lettered.get_or_create(&labels).inc();
         if !matches!(kind, FailureKind::RetriesExhausted) {
             METRICS.failed.get_or_create(&labels).inc();
