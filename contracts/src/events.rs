@@ -74,7 +74,8 @@ pub struct InvitationSent {
 pub struct InvitationRejected {
     /// Null when the request was refused before an invitation was opened.
     pub invitation_id: Option<Uuid>,
-    /// Null only when the command named an invitation that does not exist.
+    /// Null when the command named an invitation that does not exist, or
+    /// one its sender was not invited to (nobody learns whose it is).
     pub truster_id: Option<Uuid>,
     /// Who sent the refused command: the truster, or the invited person.
     pub actor_id: Uuid,
@@ -119,7 +120,8 @@ pub struct ContactDisconnected {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct ContactDisconnectRejected {
     pub truster_id: Uuid,
-    /// The truster's active contact; null when there is none.
+    /// The truster's active contact; null when there is none, or when the
+    /// sender is neither the truster nor the contact (`not_a_party`).
     pub contact_id: Option<Uuid>,
     pub actor_id: Uuid,
     #[schemars(schema_with = "crate::reasons::refusal_schema")]
@@ -144,7 +146,8 @@ pub struct RecoveryAwaitingContact {
 pub struct RecoveryRejected {
     /// Null when `recovery.requested` was refused before a request was opened.
     pub recovery_id: Option<Uuid>,
-    /// Null only when the command named a request that does not exist.
+    /// Null when the command named a request that does not exist, or when
+    /// its sender may not act on it (nobody learns whose it is).
     pub truster_id: Option<Uuid>,
     /// Who sent the refused command; null for `recovery.requested`, which
     /// comes from the portal's recovery flow rather than a person.

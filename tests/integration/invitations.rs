@@ -564,10 +564,12 @@ async fn only_the_invited_person_may_accept_and_only_before_the_deadline() {
     let invitation = id_of(&sent, "invitation_id");
 
     for actor in [stranger, truster] {
-        let refused = answer(&env, &events, "invitation.accepted", invitation, actor).await;
-        assert_refused(&refused, "not_invited_contact");
-        let refused = answer(&env, &events, "invitation.declined", invitation, actor).await;
-        assert_refused(&refused, "not_invited_contact");
+        for kind in ["invitation.accepted", "invitation.declined"] {
+            let refused = answer(&env, &events, kind, invitation, actor).await;
+            assert_refused(&refused, "not_invited_contact");
+            // Nobody learns from a refusal whose invitation it was.
+            assert_eq!(refused.payload["truster_id"], Value::Null, "{kind}");
+        }
     }
     assert_eq!(status(&env, invitation).await, "pending");
     assert_eq!(
@@ -775,6 +777,7 @@ async fn the_contact_may_not_leave_while_a_recovery_of_the_truster_is_active() {
     let stranger = seed(&env, &adult("Олег")).await;
     let refused = disconnect(&env, &events, stranger, truster).await;
     assert_eq!(refused.payload["reason"], json!("not_a_party"));
+    assert_eq!(refused.payload["contact_id"], Value::Null, "an outsider learns no contact");
 
     sqlx::query("UPDATE recovery_requests SET status = 'cancelled' WHERE recovery_id = $1")
         .bind(recovery)

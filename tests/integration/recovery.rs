@@ -419,6 +419,7 @@ async fn nobody_but_the_contact_may_confirm_submit_or_decline_nor_anyone_but_the
         let refused = w.events.outcome(command, ev::RECOVERY_REJECTED).await;
         assert_eq!(refused.payload["reason"], json!(reason), "{}", command.kind);
         assert_eq!(refused.payload["recovery_id"], json!(recovery_id));
+        assert_eq!(refused.payload["truster_id"], Value::Null, "whose request stays unsaid");
         assert_eq!(w.events.caused_by(command).len(), 1, "one outcome, no notification");
     }
     assert_eq!(w.row(recovery_id).await, before);

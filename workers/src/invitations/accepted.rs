@@ -25,8 +25,9 @@ pub async fn handle(context: &Context, message: &Envelope) -> Result<(), Handler
     let found = invitation(tx.conn(), command.invitation_id, false).await?;
     let outcome = match found {
         None => Err((None, reasons::INVITATION_NOT_FOUND)),
+        // Someone else's invitation: they learn nothing of who sent it.
         Some(found) if found.contact_id != command.actor_id => {
-            Err((Some(found.truster_id), reasons::NOT_INVITED_CONTACT))
+            Err((None, reasons::NOT_INVITED_CONTACT))
         }
         Some(_) => accept(&mut tx, command.invitation_id).await?,
     };

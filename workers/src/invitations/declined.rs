@@ -56,8 +56,10 @@ pub async fn handle(context: &Context, message: &Envelope) -> Result<(), Handler
             notify(&mut tx, found.truster_id, "invitation_declined", text)?;
         }
         (found, reason) => {
-            let truster = found.map(|f| f.truster_id);
             let reason = reason.unwrap_or(reasons::INVITATION_NOT_FOUND);
+            // Someone else's invitation: they learn nothing of who sent it.
+            let truster =
+                found.map(|f| f.truster_id).filter(|_| reason != reasons::NOT_INVITED_CONTACT);
             reject_invitation(&mut tx, Some(id), truster, command.actor_id, reason).await?;
         }
     }

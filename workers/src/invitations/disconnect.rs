@@ -47,7 +47,9 @@ pub async fn handle(context: &Context, message: &Envelope) -> Result<(), Handler
         }
         (link, refusal) => {
             let reason = refusal.unwrap_or(reasons::NO_ACTIVE_CONTACT);
-            let contact_id = link.map(|(_, contact)| contact);
+            // An outsider learns nothing of who the truster's contact is.
+            let contact_id =
+                link.map(|(_, contact)| contact).filter(|_| reason != reasons::NOT_A_PARTY);
             let detail = json!({ "reason": reason, "truster_id": command.truster_id });
             let subject_id = link.map(|(id, _)| id);
             audit(

@@ -141,7 +141,7 @@ async fn contact_gate(
     .fetch_one(conn)
     .await?;
     if request.contact_id != actor_id || !link_active {
-        return Ok(refused(&request, reasons::NOT_TRUSTERS_CONTACT));
+        return Ok(refused_outsider(reasons::NOT_TRUSTERS_CONTACT));
     }
     Ok(state_gate(request, now))
 }
@@ -156,7 +156,7 @@ async fn truster_gate(
         return Ok(not_found());
     };
     if request.truster_id != actor_id {
-        return Ok(refused(&request, reasons::NOT_THE_TRUSTER));
+        return Ok(refused_outsider(reasons::NOT_THE_TRUSTER));
     }
     Ok(state_gate(request, now))
 }
@@ -176,6 +176,11 @@ fn state_gate(request: RecoveryRow, now: DateTime<Utc>) -> Gate {
 
 fn not_found() -> Gate {
     Gate::Refused(Refusal { truster_id: None, reason: reasons::RECOVERY_NOT_FOUND })
+}
+
+/// Somebody who may not act on the request learns nothing of whose it is.
+fn refused_outsider(reason: &'static str) -> Gate {
+    Gate::Refused(Refusal { truster_id: None, reason })
 }
 
 fn refused(request: &RecoveryRow, reason: &'static str) -> Gate {
