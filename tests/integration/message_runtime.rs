@@ -202,6 +202,75 @@ async fn a_message_that_always_fails_transiently_is_dead_lettered_after_the_limi
     service.stop().await;
 }
 
+/// Declares the probe's first delay queue with other arguments than the
+/// runtime gives it, as an older release or another queue type would have
+/// left it: the broker then refuses the runtime's declaration for good.
+async fn block_first_delay_queue(env: &TestEnv) {
+    let delay_ms = env.settings.retry_base_delay.as_millis() as u64;
+    let queue = env.topology().delay_queue("probe", delay_ms);
+    env.channel
+        .queue_declare(
+            queue.as_str().into(),
+            lapin::options::QueueDeclareOptions { durable: true, ..Default::default() },
+            Default::default(),
+        )
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retry_the_broker_will_not_schedule_is_dead_lettered_not_sent_round_for_ever() {
+    let env = probe_env().await;
+    block_first_delay_queue(&env).await;
+    let events = env.tap_events().await;
+    let service = start_probe(&env);
+    let flaky = env.command("probe.flaky", &json!({ "key": "f", "failures": 1 })).await;
+    let dead = env.wait_dead_letters("probe", 1, Duration::from_secs(10)).await;
+    assert_eq!(dead.len(), 1, "parked with its reason");
+    let table = dead[0].properties.headers().clone().unwrap();
+    let kind = headers::get_str(&table, headers::FAILURE_KIND);
+    assert_eq!(kind.as_deref(), Some("retry_unroutable"));
+    let text = headers::get_str(&table, headers::ERROR).unwrap();
+    assert!(text.contains("probe is flaky") && text.contains("could not be scheduled"), "{text}");
+    let id = dead[0].properties.message_id().as_ref().map(|id| id.to_string());
+    assert_eq!(id, Some(flaky.message_id.to_string()));
+    assert_eq!(count(&env, "SELECT count(*) FROM probe_attempts").await, 1, "not sent round");
+    let good = env.command("probe.touch", &json!({ "key": "after" })).await;
+    events.outcome(&good, "probe.touched").await;
+    service.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_outbox_row_the_broker_will_not_take_does_not_hold_back_the_rows_behind_it() {
+    let env = probe_env().await;
+    block_first_delay_queue(&env).await;
+    let stuck = Envelope::new_command("probe.echo", &json!({ "key": "stuck" })).unwrap();
+    sqlx::query(
+        "INSERT INTO outbox (message_id, message_type, exchange, routing_key, delay_ms, body) \
+         VALUES ($1, 'probe.echo', '', $2, $3, $4)",
+    )
+    .bind(stuck.message_id)
+    .bind(env.topology().worker_queue("probe"))
+    .bind(env.settings.retry_base_delay.as_millis() as i64)
+    .bind(serde_json::to_vec(&stuck).unwrap())
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    let events = env.tap_events().await;
+    let service = start_probe(&env);
+    for n in 0..3 {
+        let touch = env.command("probe.touch", &json!({ "key": format!("behind-{n}") })).await;
+        events.outcome(&touch, "probe.touched").await;
+    }
+    eventually("the echoes behind the stuck row", Duration::from_secs(10), || async {
+        count(&env, "SELECT count(*) FROM probe_echoes").await == 3
+    })
+    .await;
+    let unsent = "SELECT count(*) FROM outbox WHERE sent_at IS NULL";
+    assert_eq!(count(&env, unsent).await, 1, "only the stuck row waits");
+    service.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_messages_are_dead_lettered_with_their_reason_and_the_next_flows() {
     let env = probe_env().await;

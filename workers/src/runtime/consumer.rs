@@ -161,6 +161,8 @@ enum FailureKind {
     Malformed,
     Permanent,
     RetriesExhausted,
+    /// Its retry could not be scheduled, though the broker is there.
+    RetryUnroutable,
 }
 
 impl FailureKind {
@@ -169,6 +171,7 @@ impl FailureKind {
             FailureKind::Malformed => "malformed",
             FailureKind::Permanent => "permanent",
             FailureKind::RetriesExhausted => "retries_exhausted",
+            FailureKind::RetryUnroutable => "retry_unroutable",
         }
     }
 }
@@ -288,9 +291,23 @@ impl<W: Worker> Step<W> {
             body: delivery.data.clone(),
             properties: delivery.properties.clone().with_headers(table),
         };
-        match self.publisher.publish_all(&[publication]).await {
+        let publication = std::slice::from_ref(&publication);
+        // The second try has a fresh channel: a publisher connection that died
+        // since the last message heals there.
+        let mut scheduled = self.publisher.publish_all(publication).await;
+        if scheduled.is_err() {
+            scheduled = self.publisher.publish_all(publication).await;
+        }
+        match scheduled {
             Ok(()) => self.ack(&delivery).await,
-            Err(publish_error) => self.give_back(&delivery, publish_error).await,
+            // A delay queue the broker will not take would send the message
+            // round for ever; parked, it waits for the operator with the
+            // reason. If the broker is gone, this fails too and the message
+            // is given back.
+            Err(publish_error) => {
+                let error = anyhow!("{error}; its retry could not be scheduled: {publish_error:#}");
+                self.dead_letter(delivery, FailureKind::RetryUnroutable, &error).await;
+            }
         }
     }
 

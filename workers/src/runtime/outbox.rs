@@ -167,14 +167,43 @@ impl OutboxRelay {
                 ),
             });
         }
-        self.publisher.publish_all(&publications).await?;
-        METRICS.outbox_published.inc_by(publications.len() as u64);
+        let batch_error = match self.publisher.publish_all(&publications).await {
+            Ok(()) => None,
+            Err(error) if publications.len() == 1 => return Err(error),
+            Err(error) => Some(error),
+        };
+        let sent = match batch_error {
+            None => ids,
+            // One row the broker will never take (a delay queue declared
+            // elsewhere with other arguments) must not hold back every row
+            // behind it: one by one, and keep what was confirmed.
+            Some(_) => self.publish_one_by_one(&ids, &publications).await,
+        };
+        METRICS.outbox_published.inc_by(sent.len() as u64);
         sqlx::query("UPDATE outbox SET sent_at = now() WHERE id = ANY($1)")
-            .bind(&ids)
+            .bind(&sent)
             .execute(&mut *tx)
             .await
             .context("cannot mark outbox rows sent")?;
         tx.commit().await.context("cannot commit the outbox marks")?;
-        Ok(rows.len())
+        match batch_error {
+            Some(error) if sent.len() < rows.len() => Err(error.context(format!(
+                "{} of {} outbox rows not published; they stay for the next attempt",
+                rows.len() - sent.len(),
+                rows.len()
+            ))),
+            _ => Ok(rows.len()),
+        }
+    }
+
+    /// The ids of the rows the broker confirmed, publishing each alone.
+    async fn publish_one_by_one(&self, ids: &[i64], publications: &[Publication]) -> Vec<i64> {
+        let mut sent = Vec::with_capacity(ids.len());
+        for (id, publication) in ids.iter().zip(publications) {
+            if self.publisher.publish_all(std::slice::from_ref(publication)).await.is_ok() {
+                sent.push(*id);
+            }
+        }
+        sent
     }
 }
