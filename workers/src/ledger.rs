@@ -6,6 +6,7 @@
 use std::{str::FromStr, time::Duration};
 
 use anyhow::Context;
+use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::{
     ConnectOptions, Connection, PgConnection, PgPool, Postgres, Transaction,
@@ -29,6 +30,13 @@ pub async fn connect(settings: &Settings) -> anyhow::Result<PgPool> {
         .connect_with(options)
         .await
         .context("cannot connect to the ledger database")
+}
+
+/// The database clock at the start of the transaction `conn` is in:
+/// deadlines and ages are judged by it, so that every worker replica agrees
+/// whatever its own clock says.
+pub async fn db_now(conn: &mut PgConnection) -> sqlx::Result<DateTime<Utc>> {
+    sqlx::query_scalar("SELECT now()").fetch_one(conn).await
 }
 
 async fn create_database_if_missing(options: &PgConnectOptions) -> anyhow::Result<()> {

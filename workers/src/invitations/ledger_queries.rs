@@ -12,7 +12,11 @@ use trusted_contact_contracts::{
 };
 use uuid::Uuid;
 
-use crate::{ledger::LedgerTx, runtime::HandlerError, sms::short_name};
+use crate::{
+    ledger::{LedgerTx, db_now},
+    runtime::HandlerError,
+    sms::short_name,
+};
 
 /// The most trusters one person may be the trusted contact of.
 pub const MAX_TRUSTERS_PER_CONTACT: i64 = 5;
@@ -69,12 +73,6 @@ pub async fn accounts_by_phone(conn: &mut PgConnection, phone: &str) -> sqlx::Re
         "SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE phone = $1 ORDER BY updated_at DESC LIMIT 10"
     );
     sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(phone).fetch_all(conn).await
-}
-
-/// The database clock: deadlines and ages are judged by it, so that every
-/// worker replica agrees whatever its own clock says.
-pub async fn db_now(conn: &mut PgConnection) -> sqlx::Result<DateTime<Utc>> {
-    sqlx::query_scalar("SELECT now()").fetch_one(conn).await
 }
 
 pub async fn moscow_date(conn: &mut PgConnection) -> sqlx::Result<NaiveDate> {

@@ -1,13 +1,12 @@
 //! `recovery.cancelled`: the truster, from a session still logged in, ends a
 //! request they did not start. The contact is told that nothing is needed.
 
-use chrono::Utc;
 use serde_json::json;
 use trusted_contact_contracts::{Envelope, Message, commands::RecoveryCancelled, events};
 
 use super::{NAME, notices, store};
 use crate::{
-    ledger::LedgerTx,
+    ledger::{LedgerTx, db_now},
     runtime::{Context, HandlerError},
     sms::{SmsTemplate, request_sms},
 };
@@ -19,8 +18,8 @@ pub async fn handle(context: &Context, message: &Envelope) -> Result<(), Handler
 
 async fn step(tx: &mut LedgerTx, command: &RecoveryCancelled) -> Result<(), HandlerError> {
     let (recovery_id, actor_id) = (command.recovery_id, command.actor_id);
-    let Some(request) = store::open_for_truster(tx, recovery_id, actor_id, Utc::now()).await?
-    else {
+    let now = db_now(tx.conn()).await?;
+    let Some(request) = store::open_for_truster(tx, recovery_id, actor_id, now).await? else {
         return Ok(());
     };
     let cancelled = sqlx::query(

@@ -2,7 +2,6 @@
 //! code approves the recovery; a wrong one costs an attempt, and the last
 //! attempt locks the request.
 
-use chrono::Utc;
 use serde_json::json;
 use trusted_contact_contracts::{
     Envelope, Message,
@@ -18,7 +17,7 @@ use super::{
     store::{self, RecoveryRow, Refusal},
 };
 use crate::{
-    ledger::LedgerTx,
+    ledger::{LedgerTx, db_now},
     runtime::{Context, HandlerError},
 };
 
@@ -36,7 +35,7 @@ async fn step(
     tx: &mut LedgerTx,
     command: &RecoveryCodeSubmitted,
 ) -> Result<(), HandlerError> {
-    let now = Utc::now();
+    let now = db_now(tx.conn()).await?;
     let (recovery_id, actor_id) = (command.recovery_id, command.actor_id);
     let Some(request) = store::open_for_contact(tx, recovery_id, actor_id, now).await? else {
         return Ok(());

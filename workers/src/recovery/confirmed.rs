@@ -16,7 +16,7 @@ use super::{
     whole_minutes,
 };
 use crate::{
-    ledger::LedgerTx,
+    ledger::{LedgerTx, db_now},
     recovery::seal::CodeSeal,
     runtime::{Context, HandlerError},
     sms::{SmsTemplate, request_sms},
@@ -36,7 +36,7 @@ async fn step(
     tx: &mut LedgerTx,
     command: &RecoveryConfirmed,
 ) -> Result<(), HandlerError> {
-    let now = Utc::now();
+    let now = db_now(tx.conn()).await?;
     let (recovery_id, actor_id) = (command.recovery_id, command.actor_id);
     let Some(request) = store::open_for_contact(tx, recovery_id, actor_id, now).await? else {
         return Ok(());

@@ -1,7 +1,6 @@
 //! `recovery.declined`: the contact refuses to approve, saying why. The
 //! request ends, the truster is told, and the decline goes to the fraud team.
 
-use chrono::Utc;
 use serde_json::json;
 use trusted_contact_contracts::{
     Envelope, Message,
@@ -15,7 +14,7 @@ use super::{
     store::{self, Refusal},
 };
 use crate::{
-    ledger::LedgerTx,
+    ledger::{LedgerTx, db_now},
     runtime::{Context, HandlerError},
 };
 
@@ -26,8 +25,8 @@ pub async fn handle(context: &Context, message: &Envelope) -> Result<(), Handler
 
 async fn step(tx: &mut LedgerTx, command: &RecoveryDeclined) -> Result<(), HandlerError> {
     let (recovery_id, actor_id) = (command.recovery_id, command.actor_id);
-    let Some(request) = store::open_for_contact(tx, recovery_id, actor_id, Utc::now()).await?
-    else {
+    let now = db_now(tx.conn()).await?;
+    let Some(request) = store::open_for_contact(tx, recovery_id, actor_id, now).await? else {
         return Ok(());
     };
     if !decline_reason::is_valid(&command.reason) {

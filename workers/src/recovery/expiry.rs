@@ -19,7 +19,7 @@ use super::{
     store::{self, RecoveryRow},
 };
 use crate::{
-    ledger::LedgerTx,
+    ledger::{LedgerTx, db_now},
     runtime::{Context, HandlerError},
     sms::{SmsTemplate, request_sms},
     sweeper,
@@ -83,8 +83,10 @@ pub fn schedule_code_deadline(
 /// Handles a delayed `recovery.deadline` or `recovery.code_deadline` in the
 /// sweeper.
 pub async fn expire_recovery(context: &Context, message: &Envelope) -> Result<(), HandlerError> {
-    let expire =
-        async |tx: &mut LedgerTx| apply_deadline(tx, message, Utc::now()).await.map(|_expired| ());
+    let expire = async |tx: &mut LedgerTx| {
+        let now = db_now(tx.conn()).await?;
+        apply_deadline(tx, message, now).await.map(|_expired| ())
+    };
     context.once(message, expire).await
 }
 
@@ -222,7 +224,7 @@ pub async fn truster_has_open_request(
     let Some(request) = store::lock_active_request(tx.conn(), truster_id).await? else {
         return Ok(false);
     };
-    let now = Utc::now();
+    let now = db_now(tx.conn()).await?;
     if request.expires_at > now {
         return Ok(true);
     }

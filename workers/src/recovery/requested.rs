@@ -15,7 +15,7 @@ use super::{
     whole_minutes,
 };
 use crate::{
-    ledger::LedgerTx,
+    ledger::{LedgerTx, db_now},
     runtime::{Context, HandlerError},
     sms::{SmsTemplate, request_sms},
 };
@@ -34,7 +34,7 @@ async fn step(
     tx: &mut LedgerTx,
     command: &RecoveryRequested,
 ) -> Result<(), HandlerError> {
-    let now = Utc::now();
+    let now = db_now(tx.conn()).await?;
     let truster_id = command.truster_id;
     // The link row is the truster's lock: two requests of one truster, or a
     // request and a disconnection, take turns on it.
