@@ -543,6 +543,40 @@ async fn six_concurrent_acceptances_for_one_contact_link_exactly_five_trusters()
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn an_acceptance_begun_before_the_deadline_and_kept_waiting_past_it_still_links() {
+    let (env, events) = world().await;
+    let window = Duration::from_secs(2);
+    let service = start(&env, window, true);
+    let contact = adult("Анна");
+    let contact_id = seed(&env, &contact).await;
+    let truster = seed(&env, &adult("Иван")).await;
+    let sent = invite(&env, &events, truster, "Анна", contact.phone.as_deref().unwrap()).await;
+    let invitation = id_of(&sent, "invitation_id");
+
+    // Another truster's acceptance holds the contact's row, as it would
+    // while counting the contact's links; ours begins and waits behind it.
+    let mut busy = env.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM accounts WHERE account_id = $1 FOR UPDATE")
+        .bind(contact_id)
+        .execute(&mut *busy)
+        .await
+        .unwrap();
+    let payload = json!({ "invitation_id": invitation, "actor_id": contact_id });
+    let accept = env.command("invitation.accepted", &payload).await;
+    // The deadline passes and its message reaches the sweeper meanwhile.
+    tokio::time::sleep(window + Duration::from_secs(2)).await;
+    busy.rollback().await.unwrap();
+
+    let answered = outcome(&events, &accept, &["invitation.accepted", "invitation.rejected"]);
+    let answered = answered.await;
+    assert_eq!(answered.kind, "invitation.accepted", "{:?}", answered.payload);
+    assert_eq!(status(&env, invitation).await, "accepted");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(events.all().iter().all(|e| e.kind != "invitation.expired"), "not expired as well");
+    service.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn only_the_invited_person_may_accept_and_only_before_the_deadline() {
     let (env, events) = world().await;
     // No sweeper at first: the overdue invitation stays pending, and its

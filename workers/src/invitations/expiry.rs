@@ -11,7 +11,7 @@ use sqlx::{FromRow, PgPool};
 use trusted_contact_contracts::{Envelope, SUPPORTED_VERSION, event_type, events};
 use uuid::Uuid;
 
-use super::ledger_queries::{audit, invitation, notify};
+use super::ledger_queries::{audit, invitation, lock_account, notify};
 use crate::{
     runtime::{Context, HandlerError},
     sweeper,
@@ -62,8 +62,16 @@ fn deadline_message_id(invitation_id: Uuid) -> Uuid {
 pub async fn handle_deadline(context: &Context, message: &Envelope) -> Result<(), HandlerError> {
     let deadline: InvitationDeadline = message.payload_as()?;
     let Some(mut tx) = context.begin(message).await? else { return Ok(()) };
-    let Some(found) = invitation(tx.conn(), deadline.invitation_id, true).await? else {
+    let Some(unlocked) = invitation(tx.conn(), deadline.invitation_id, false).await? else {
         tracing::warn!(invitation.id = %deadline.invitation_id, "deadline of unknown invitation");
+        return context.commit(tx).await;
+    };
+    // The acceptance's lock order: the contact's account, then the
+    // invitation. An acceptance that began before the deadline and waits for
+    // the contact's row (other trusters' acceptances ahead of it) then
+    // decides first, rather than finding the invitation expired under it.
+    lock_account(tx.conn(), unlocked.contact_id).await?;
+    let Some(found) = invitation(tx.conn(), deadline.invitation_id, true).await? else {
         return context.commit(tx).await;
     };
     if found.status != "pending" {
