@@ -353,7 +353,7 @@ async fn delete_broker_names(prefix: &str) {
     else {
         return;
     };
-    let Ok(channel) = connection.create_channel().await else { return };
+    let Ok(mut channel) = connection.create_channel().await else { return };
     for (kind, names) in [("queues", "list_queues"), ("exchanges", "list_exchanges")] {
         let Ok(output) = tokio::process::Command::new("rabbitmqctl")
             .args([names, "-q", "--no-table-headers", "name"])
@@ -366,6 +366,12 @@ async fn delete_broker_names(prefix: &str) {
             let name = name.trim();
             if !name.starts_with(prefix) {
                 continue;
+            }
+            // A refused delete (a tap's exclusive queue, still held by the
+            // test's connection) closes the channel: go on with a new one.
+            if !channel.status().connected() {
+                let Ok(fresh) = connection.create_channel().await else { break };
+                channel = fresh;
             }
             if kind == "queues" {
                 let _ = channel.queue_delete(name.into(), QueueDeleteOptions::default()).await;
