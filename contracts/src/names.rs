@@ -11,6 +11,14 @@ pub const EVENTS_EXCHANGE: &str = "trusted_contact.events";
 /// apart so that the portal never sees it and cannot forge it.
 pub const INTERNAL_EXCHANGE: &str = "trusted_contact.internal";
 
+/// Where the commands exchange sends a command that no worker is bound to (an
+/// unknown type): a fanout exchange into one dead-letter queue, so that no
+/// command the broker could not route is dropped unseen.
+pub const UNROUTED_EXCHANGE: &str = "trusted_contact.commands.unrouted";
+/// The name that stands for a worker in the dead-letter queue of unrouted
+/// commands (`trusted_contact.unrouted.dead`).
+pub const UNROUTED: &str = "unrouted";
+
 /// Every broker name, with the environment's prefix applied.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Topology {
@@ -36,6 +44,10 @@ impl Topology {
 
     pub fn internal_exchange(&self) -> String {
         format!("{}{INTERNAL_EXCHANGE}", self.prefix)
+    }
+
+    pub fn unrouted_exchange(&self) -> String {
+        format!("{}{UNROUTED_EXCHANGE}", self.prefix)
     }
 
     /// The queue a worker consumes from.

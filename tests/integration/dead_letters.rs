@@ -95,3 +95,66 @@ async fn replaying_one_type_at_a_pace_handles_each_once_and_leaves_the_others() 
     tool.close().await;
     service.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_command_no_worker_is_bound_to_lands_in_the_unrouted_queue_with_its_route() {
+    let env = probe_env().await;
+    let events = env.tap_events().await;
+    let service = start_probe(&env);
+    let unheard = Envelope::new_command("probe.unheard", &json!({ "key": "lost?" })).unwrap();
+    env.publish_envelope(&unheard).await;
+    let tool =
+        DeadLetters::connect(&env.settings, vec!["probe".into(), "unrouted".into()]).await.unwrap();
+    eventually("the unrouted command kept", Duration::from_secs(5), || async {
+        tool.counts().await.unwrap().values().sum::<u32>() == 1
+    })
+    .await;
+
+    let listed = tool.list().await.unwrap();
+    assert_eq!(listed.len(), 1);
+    let letter = &listed[0];
+    assert_eq!(letter.queue, env.topology().dead_letter_queue("unrouted"));
+    assert_eq!(letter.message_id, Some(unheard.message_id.to_string()));
+    assert_eq!(letter.worker.as_deref(), Some("unrouted"));
+    assert!(letter.error.as_deref().is_some_and(|e| e.contains("probe.unheard")), "{letter:?}");
+    let commands = env.topology().commands_exchange();
+    assert_eq!(letter.original_exchange.as_deref(), Some(commands.as_str()));
+    assert_eq!(letter.original_routing_key.as_deref(), Some("probe.unheard"));
+
+    // A replay sends it the same way, and it comes back counted.
+    let by_id = Selection { ids: vec![unheard.message_id.to_string()], ..Selection::default() };
+    assert_eq!(tool.replay(&by_id, 50.0, false).await.unwrap().replayed, 1);
+    eventually("the replayed command back", Duration::from_secs(5), || async {
+        tool.list().await.unwrap().first().is_some_and(|letter| letter.replays == 1)
+    })
+    .await;
+    let good = env.command("probe.touch", &json!({ "key": "after" })).await;
+    events.outcome(&good, "probe.touched").await;
+    assert_eq!(count(&env, "SELECT count(*) FROM probe_touches").await, 1);
+    tool.close().await;
+    service.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_export_keeps_the_shape_of_a_body_that_is_not_json_without_its_numbers() {
+    let env = probe_env().await;
+    let service = start_probe(&env);
+    let exchange = env.topology().commands_exchange();
+    let body = b"hello from a broken client, call +79001234567".to_vec();
+    let properties = lapin::BasicProperties::default().with_delivery_mode(2);
+    env.publish_raw(&exchange, "probe.touch", &body, properties).await;
+    let tool = DeadLetters::connect(&env.settings, vec!["probe".into()]).await.unwrap();
+    eventually("the broken body dead-lettered", Duration::from_secs(5), || async {
+        tool.counts().await.unwrap().values().sum::<u32>() == 1
+    })
+    .await;
+    let mut exported = Vec::new();
+    assert_eq!(tool.export(&mut exported).await.unwrap(), 1);
+    let line: serde_json::Value = serde_json::from_slice(&exported).unwrap();
+    let text = line["body"]["redacted_text"].as_str().unwrap();
+    assert!(text.starts_with("hello from a broken client, call +"), "{text}");
+    assert!(!String::from_utf8_lossy(&exported).contains("79001234567"));
+    assert_eq!(line["body"]["not_json_bytes"], json!(body.len()));
+    tool.close().await;
+    service.stop().await;
+}

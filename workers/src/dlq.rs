@@ -18,11 +18,16 @@ use lapin::{
 };
 use serde::Serialize;
 use serde_json::Value;
-use trusted_contact_contracts::phone::{mask_phone, normalize_phone};
+use trusted_contact_contracts::{
+    Topology,
+    names::UNROUTED,
+    phone::{mask_phone, normalize_phone},
+};
 
 use crate::{
     runtime::{broker, headers},
     settings::Settings,
+    telemetry::redact_for_log,
 };
 
 /// What an operator sees of one dead-lettered message.
@@ -46,6 +51,10 @@ impl DeadLetter {
     fn from_delivery(queue: &str, delivery: &Delivery) -> Self {
         let table = delivery.properties.headers().clone().unwrap_or_default();
         let text = |name| headers::get_str(&table, name);
+        // Whatever the prefix, the unrouted queue's name ends the same way.
+        if queue.ends_with(&Topology::default().dead_letter_queue(UNROUTED)) {
+            return Self::unrouted(queue, delivery);
+        }
         DeadLetter {
             queue: queue.to_owned(),
             message_id: delivery.properties.message_id().as_ref().map(|id| id.to_string()),
@@ -59,6 +68,31 @@ impl DeadLetter {
             last_failure_at: text(headers::LAST_FAILURE_AT),
             original_exchange: text(headers::ORIGINAL_EXCHANGE),
             original_routing_key: text(headers::ORIGINAL_ROUTING_KEY),
+        }
+    }
+}
+
+impl DeadLetter {
+    /// A command the broker put into the unrouted queue because no worker is
+    /// bound to its routing key: no worker saw it, so the route it came by is
+    /// all there is to say, and where a replay sends it.
+    fn unrouted(queue: &str, delivery: &Delivery) -> Self {
+        let table = delivery.properties.headers().clone().unwrap_or_default();
+        let exchange = delivery.exchange.to_string();
+        let routing_key = delivery.routing_key.to_string();
+        DeadLetter {
+            queue: queue.to_owned(),
+            message_id: delivery.properties.message_id().as_ref().map(|id| id.to_string()),
+            message_type: delivery.properties.kind().as_ref().map(|kind| kind.to_string()),
+            worker: Some(UNROUTED.to_owned()),
+            failure_kind: Some(UNROUTED.to_owned()),
+            error: Some(format!("no worker takes routing key {routing_key:?} on {exchange}")),
+            attempts: None,
+            replays: headers::get_u32(&table, headers::REPLAYS).unwrap_or(0),
+            first_failure_at: None,
+            last_failure_at: None,
+            original_exchange: Some(exchange),
+            original_routing_key: Some(routing_key),
         }
     }
 }
@@ -313,7 +347,13 @@ fn masked_view(queue: &str, delivery: &Delivery) -> Value {
             mask_value(&mut json);
             json
         }
-        Err(_) => Value::String(format!("<{} bytes, not JSON>", delivery.data.len())),
+        // What the portal team needs of a broken body is its shape; the
+        // values in it cannot be told apart to mask, so they are blanked.
+        Err(_) => {
+            let mut text = redact_for_log(&String::from_utf8_lossy(&delivery.data));
+            text.truncate(text.floor_char_boundary(4_000));
+            serde_json::json!({ "not_json_bytes": delivery.data.len(), "redacted_text": text })
+        }
     };
     serde_json::json!({
         "queue": queue,

@@ -17,6 +17,7 @@ use trusted_contact::{
     sms::gateway::GatewayConfig,
     telemetry,
 };
+use trusted_contact_contracts::names::UNROUTED;
 
 #[derive(Parser)]
 #[command(name = "trusted-contact", version, about = "Trusted Contact back end")]
@@ -67,7 +68,8 @@ enum Command {
     Teardown,
     /// Inspect, export, replay and purge the dead-letter queues.
     Dlq {
-        /// Whose dead-letter queues (repeatable); every worker's by default.
+        /// Whose dead-letter queues (repeatable): a worker, or `unrouted` for
+        /// commands no worker is bound to; all of them by default.
         #[arg(long = "worker", global = true)]
         workers: Vec<String>,
         #[command(subcommand)]
@@ -208,10 +210,15 @@ async fn dead_letters(
     action: DlqAction,
 ) -> anyhow::Result<()> {
     let workers = if workers.is_empty() {
-        WorkerName::ALL.iter().map(|worker| worker.spec().name.to_owned()).collect()
+        let every = WorkerName::ALL.iter().map(|worker| worker.spec().name);
+        every.chain([UNROUTED]).map(str::to_owned).collect()
     } else {
+        // `unrouted` names the queue of commands no worker is bound to.
+        let (unrouted, named): (Vec<_>, Vec<_>) =
+            workers.into_iter().partition(|name| name == UNROUTED);
         // A typo would otherwise read as an empty dead-letter queue.
-        parse_workers(&workers)?.iter().map(|worker| worker.spec().name.to_owned()).collect()
+        let named = parse_workers(&named)?.into_iter().map(|worker| worker.spec().name);
+        named.map(str::to_owned).chain(unrouted.into_iter().take(1)).collect()
     };
     let tool = DeadLetters::connect(&settings, workers).await?;
     let result = dead_letter_action(&tool, action).await;

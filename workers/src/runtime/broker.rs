@@ -19,7 +19,7 @@ use lapin::{
     types::{AMQPValue, FieldTable, LongString, ShortString},
 };
 use tokio::sync::Mutex;
-use trusted_contact_contracts::Topology;
+use trusted_contact_contracts::{Topology, names::UNROUTED};
 
 use crate::settings::{QueueType, Settings};
 
@@ -97,15 +97,20 @@ pub async fn declare_topology(
     workers: &[WorkerSpec],
 ) -> anyhow::Result<()> {
     let topology = &settings.topology;
-    for exchange in
-        [topology.commands_exchange(), topology.events_exchange(), topology.internal_exchange()]
-    {
+    let unrouted = declare_unrouted(channel, settings).await?;
+    let mut commands_arguments = FieldTable::default();
+    commands_arguments.insert("alternate-exchange".into(), AMQPValue::LongString(unrouted.into()));
+    for (exchange, arguments) in [
+        (topology.commands_exchange(), commands_arguments),
+        (topology.events_exchange(), FieldTable::default()),
+        (topology.internal_exchange(), FieldTable::default()),
+    ] {
         channel
             .exchange_declare(
                 exchange.as_str().into(),
                 ExchangeKind::Topic,
                 ExchangeDeclareOptions { durable: true, ..ExchangeDeclareOptions::default() },
-                FieldTable::default(),
+                arguments,
             )
             .await
             .with_context(|| format!("cannot declare exchange {exchange}"))?;
@@ -144,6 +149,37 @@ pub async fn declare_topology(
     Ok(())
 }
 
+/// The alternate exchange of the commands exchange and the dead-letter queue
+/// behind it; returns the exchange's name.
+async fn declare_unrouted(channel: &Channel, settings: &Settings) -> anyhow::Result<String> {
+    let exchange = settings.topology.unrouted_exchange();
+    let queue = settings.topology.dead_letter_queue(UNROUTED);
+    channel
+        .exchange_declare(
+            exchange.as_str().into(),
+            ExchangeKind::Fanout,
+            ExchangeDeclareOptions { durable: true, ..ExchangeDeclareOptions::default() },
+            FieldTable::default(),
+        )
+        .await
+        .with_context(|| format!("cannot declare exchange {exchange}"))?;
+    channel
+        .queue_declare(queue.as_str().into(), durable(), queue_arguments(settings.queue_type))
+        .await
+        .with_context(|| format!("cannot declare queue {queue}"))?;
+    channel
+        .queue_bind(
+            queue.as_str().into(),
+            exchange.as_str().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .with_context(|| format!("cannot bind {queue} to {exchange}"))?;
+    Ok(exchange)
+}
+
 /// Deletes every queue and exchange the topology declared. Tests use it to
 /// leave nothing behind; nothing in the service calls it.
 pub async fn delete_topology(
@@ -157,9 +193,14 @@ pub async fn delete_topology(
             channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await?;
         }
     }
-    for exchange in
-        [topology.commands_exchange(), topology.events_exchange(), topology.internal_exchange()]
-    {
+    let unrouted = topology.dead_letter_queue(UNROUTED);
+    channel.queue_delete(unrouted.as_str().into(), QueueDeleteOptions::default()).await?;
+    for exchange in [
+        topology.commands_exchange(),
+        topology.events_exchange(),
+        topology.internal_exchange(),
+        topology.unrouted_exchange(),
+    ] {
         channel.exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default()).await?;
     }
     Ok(())
