@@ -50,6 +50,9 @@ pub struct PortalClient {
     /// flows, outcomes of commands sent by someone else).
     unclaimed: mpsc::UnboundedReceiver<Received>,
     reader: tokio::task::JoinHandle<()>,
+    /// Cleared when the event listener lost the broker: its queue was the
+    /// connection's own, so events published after that never reach us.
+    listening: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl PortalClient {
@@ -104,6 +107,8 @@ impl PortalClient {
         let waiters: Waiters = Arc::default();
         let (unclaimed_tx, unclaimed) = mpsc::unbounded_channel();
         let routing = waiters.clone();
+        let listening = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let still_listening = listening.clone();
         let reader = tokio::spawn(async move {
             let _listener = listener;
             while let Some(Ok(delivery)) = consumer.next().await {
@@ -122,6 +127,7 @@ impl PortalClient {
                     }
                 }
             }
+            still_listening.store(false, std::sync::atomic::Ordering::Relaxed);
         });
         Ok(PortalClient {
             connection,
@@ -131,7 +137,14 @@ impl PortalClient {
             waiters,
             unclaimed,
             reader,
+            listening,
         })
+    }
+
+    /// Whether events still reach this client: false once the broker
+    /// connection of its listener went away.
+    pub fn still_listening(&self) -> bool {
+        self.listening.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Publishes a new command and returns it with a receiver of the events

@@ -86,6 +86,8 @@ struct Stats {
     outcomes: BTreeMap<String, u64>,
     sent: u64,
     lost: Vec<(String, String)>,
+    /// Commands the broker did not confirm: (type, message id).
+    not_published: Vec<(String, String)>,
     duplicates_sent: u64,
     duplicate_outcomes: u64,
     flows_completed: u64,
@@ -164,7 +166,10 @@ pub async fn run(settings: &Settings, options: LoadOptions) -> anyhow::Result<Lo
     let elapsed = started.elapsed();
     let delivered = load.sms_delivered().await;
     let stats = std::mem::take(&mut *load.stats.lock().map_err(|_| anyhow::anyhow!("stats"))?);
-    let report = LoadReport::build(&options, started_flows, publishing, elapsed, stats, delivered);
+    let listener_lost = !load.portal.still_listening();
+    let mut report =
+        LoadReport::build(&options, started_flows, publishing, elapsed, stats, delivered);
+    report.listener_lost = listener_lost;
     report.write(&options.report_dir)?;
     if let Ok(load) = Arc::try_unwrap(load) {
         load.portal.close().await;
@@ -250,8 +255,10 @@ impl Load {
         let mut outcomes = self.portal.listen_for(&envelope);
         let sent_at = Instant::now();
         if let Err(error) = self.portal.publish(&envelope).await {
+            // Never reached the service: not a loss of the system's.
             tracing::warn!(error = format!("{error:#}"), "publish failed");
-            self.record_lost(kind, &envelope);
+            let id = envelope.message_id.to_string();
+            self.with_stats(|stats| stats.not_published.push((kind.to_owned(), id)));
             return None;
         }
         let duplicate = rand::rng().random_bool(self.options.duplicate_share.clamp(0.0, 1.0));
@@ -450,6 +457,14 @@ pub async fn run_and_judge(settings: &Settings, options: LoadOptions) -> anyhow:
     let report = run(settings, options.clone()).await.context("load run failed")?;
     println!("{}", report.summary());
     println!("report: {}", options.report_dir.join("report.html").display());
+    // Either makes the run say nothing about the system: the load publisher
+    // does not reconnect, so a broker restart ends what it can measure.
+    if report.listener_lost {
+        bail!("the event listener lost the broker; commands without an outcome are unknown");
+    }
+    if !report.not_published.is_empty() {
+        bail!("{} command(s) could not be published", report.not_published.len());
+    }
     if !report.lost.is_empty() {
         bail!("{} command(s) got no outcome", report.lost.len());
     }

@@ -59,6 +59,12 @@ pub struct LoadReport {
     pub sms_delivered: Option<(usize, usize)>,
     /// Commands that got no outcome: (type, message id).
     pub lost: Vec<(String, String)>,
+    /// Commands the broker did not take: (type, message id). Never seen by
+    /// the service, so not among the lost.
+    pub not_published: Vec<(String, String)>,
+    /// The event listener lost the broker during the run: from then on a
+    /// missing outcome says nothing about the service.
+    pub listener_lost: bool,
     pub timeline: Vec<SecondSample>,
 }
 
@@ -106,6 +112,8 @@ impl LoadReport {
             outcomes: stats.outcomes,
             sms_delivered,
             lost: stats.lost,
+            not_published: stats.not_published,
+            listener_lost: false,
             timeline,
         }
     }
@@ -139,6 +147,18 @@ impl LoadReport {
         }
         if let Some((reached, invited)) = self.sms_delivered {
             out.push_str(&format!("SMS: {reached} of {invited} invited contacts reached\n"));
+        }
+        if !self.not_published.is_empty() {
+            let count = self.not_published.len();
+            out.push_str(&format!(
+                "{count} commands not published: the broker did not take them\n"
+            ));
+        }
+        if self.listener_lost {
+            out.push_str(
+                "the event listener lost the broker: the lost count is not a measure of the \
+                 service (the load publisher does not reconnect)\n",
+            );
         }
         out
     }
