@@ -100,6 +100,7 @@ enum DlqAction {
     Show { message_id: String },
     /// Every message as JSON lines (masked like `show`) to a file or stdout.
     Export {
+        /// A file to write; stdout when absent or `-`.
         #[arg(long)]
         output: Option<std::path::PathBuf>,
     },
@@ -261,7 +262,7 @@ async fn dead_letter_action(tool: &DeadLetters, action: DlqAction) -> anyhow::Re
             None => anyhow::bail!("no dead letter with message id {message_id}"),
         },
         DlqAction::Export { output } => {
-            let count = match output {
+            let count = match output.filter(|path| path.as_os_str() != "-") {
                 Some(path) => {
                     let mut file = std::io::BufWriter::new(std::fs::File::create(&path)?);
                     tool.export(&mut file).await?
