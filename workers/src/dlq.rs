@@ -86,7 +86,11 @@ impl DeadLetter {
             message_type: delivery.properties.kind().as_ref().map(|kind| kind.to_string()),
             worker: Some(UNROUTED.to_owned()),
             failure_kind: Some(UNROUTED.to_owned()),
-            error: Some(format!("no worker takes routing key {routing_key:?} on {exchange}")),
+            // The key is the sender's text: redacted like any error text.
+            error: Some(format!(
+                "no worker takes routing key \"{}\" on {exchange}",
+                redact_for_log(&routing_key)
+            )),
             attempts: None,
             replays: headers::get_u32(&table, headers::REPLAYS).unwrap_or(0),
             first_failure_at: None,
@@ -344,7 +348,7 @@ fn masked_view(queue: &str, delivery: &Delivery) -> Value {
     }
     let body = match serde_json::from_slice::<Value>(&delivery.data) {
         Ok(mut json) => {
-            mask_value(&mut json);
+            mask_body(&mut json);
             json
         }
         // What the portal team needs of a broken body is its shape; the
@@ -390,26 +394,54 @@ const PERSONAL_KEYS: &[&str] = &[
     "text",
 ];
 
-fn mask_value(value: &mut Value) {
-    match value {
+/// The envelope's own fields that say what and when, never who: shown as
+/// they are, where the same text in a payload would be masked.
+const ENVELOPE_FIELDS_SHOWN: &[&str] = &["message_id", "type", "version", "occurred_at"];
+
+/// Masks a body: the envelope's own fields stay, everything else goes
+/// through [`mask_value`].
+fn mask_body(body: &mut Value) {
+    match body {
         Value::Object(map) => {
             for (key, inner) in map.iter_mut() {
-                if key == "code" || key == "sealed_code" || PERSONAL_KEYS.contains(&key.as_str()) {
-                    *inner = match inner {
-                        Value::String(text) if key.contains("phone") => {
-                            Value::String(mask_phone(text))
-                        }
-                        Value::Null => Value::Null,
-                        _ => Value::String("***".into()),
-                    };
-                } else {
-                    mask_value(inner);
+                if !ENVELOPE_FIELDS_SHOWN.contains(&key.as_str()) {
+                    mask_field(key, inner);
                 }
             }
         }
+        other => mask_value(other),
+    }
+}
+
+/// Known personal fields are hidden whatever they hold; elsewhere, since a
+/// body that breaks the contract may carry anything anywhere, phones are
+/// masked, numbers of four digits or more hidden (codes, phones, dates) and
+/// text redacted as a log line would be.
+fn mask_value(value: &mut Value) {
+    let long_number = matches!(value, Value::Number(number)
+        if number.to_string().chars().filter(char::is_ascii_digit).count() >= 4);
+    if long_number {
+        *value = Value::String("***".into());
+        return;
+    }
+    match value {
+        Value::Object(map) => map.iter_mut().for_each(|(key, inner)| mask_field(key, inner)),
         Value::Array(items) => items.iter_mut().for_each(mask_value),
         Value::String(text) if normalize_phone(text).is_ok() => *text = mask_phone(text),
+        Value::String(text) => *text = redact_for_log(text),
         _ => {}
+    }
+}
+
+fn mask_field(key: &str, inner: &mut Value) {
+    if key == "code" || key == "sealed_code" || PERSONAL_KEYS.contains(&key) {
+        *inner = match inner {
+            Value::String(text) if key.contains("phone") => Value::String(mask_phone(text)),
+            Value::Null => Value::Null,
+            _ => Value::String("***".into()),
+        };
+    } else {
+        mask_value(inner);
     }
 }
 
@@ -426,5 +458,31 @@ mod tests {
         let text = body.to_string();
         assert!(!text.contains("123-45-67") && !text.contains("123456"), "{text}");
         assert!(text.contains("+7900***4567"));
+    }
+
+    #[test]
+    fn a_body_that_breaks_the_contract_shows_no_number_a_person_typed() {
+        let mut body = serde_json::json!({
+            "message_id": "0b9e6a52-3f49-4c1a-9b0e-2a7f4d0c9e11",
+            "type": "account.updated",
+            "occurred_at": "2026-12-03T10:15:00Z",
+            "payload": {
+                "Code": 482913, "sms_code": "482913", "mobile": 79161234567_u64,
+                "note": "звоните +7 916 123-45-67", "codes": ["482913", 482913],
+                "attempt": 2, "account_id": "40696939-93dc-40f0-8b36-28824bc18241"
+            }
+        });
+        mask_body(&mut body);
+        let text = body.to_string();
+        for part in ["482913", "79161234567", "916", "45-67"] {
+            assert!(!text.contains(part), "{part} in {text}");
+        }
+        assert!(text.contains("2026-12-03T10:15:00Z"), "the envelope's own time stays");
+        assert!(text.contains("40696939-93dc-40f0-8b36-28824bc18241"), "ids stay");
+        assert_eq!(body["payload"]["attempt"], 2);
+
+        let mut bare = serde_json::json!(79161234567_u64);
+        mask_body(&mut bare);
+        assert_eq!(bare, serde_json::json!("***"));
     }
 }

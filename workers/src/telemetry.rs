@@ -25,20 +25,13 @@ pub fn init() {
 
 /// Error texts may quote the input that caused them (serde does, for one).
 /// Before such a text reaches a log line or a dead-letter header, quoted
-/// values are blanked and long digit runs (phones, dates, codes) masked.
+/// values are blanked and numbers of four digits or more masked, also when
+/// written with spaces, dashes, dots or brackets between the digits (phones,
+/// dates, codes as people type them).
 pub fn redact_for_log(text: &str) -> String {
     let chars: Vec<char> = text.chars().collect();
     let mut out = String::with_capacity(text.len());
     let mut in_quotes = false;
-    let mut digits = String::new();
-    let flush = |digits: &mut String, out: &mut String| {
-        if digits.len() >= 4 {
-            out.push_str("####");
-        } else {
-            out.push_str(digits);
-        }
-        digits.clear();
-    };
     let mut i = 0;
     while i < chars.len() {
         let ch = chars[i];
@@ -52,17 +45,22 @@ pub fn redact_for_log(text: &str) -> String {
             continue;
         }
         // Ids are what logs are for: a UUID stays whole.
-        if digits.is_empty() && is_uuid_at(&chars, i) {
+        if is_uuid_at(&chars, i) {
             out.extend(&chars[i..i + 36]);
             i += 36;
             continue;
         }
         if ch.is_ascii_digit() {
-            digits.push(ch);
-            i += 1;
+            let end = number_end(&chars, i);
+            let digits = chars[i..end].iter().filter(|c| c.is_ascii_digit()).count();
+            if digits >= 4 {
+                out.push_str("####");
+            } else {
+                out.extend(&chars[i..end]);
+            }
+            i = end;
             continue;
         }
-        flush(&mut digits, &mut out);
         if ch == '"' || ch == '`' {
             in_quotes = true;
         }
@@ -72,8 +70,28 @@ pub fn redact_for_log(text: &str) -> String {
     if in_quotes {
         out.push('…');
     }
-    flush(&mut digits, &mut out);
     out
+}
+
+/// Where the number that starts with the digit at `start` ends: digits, and
+/// at most two separators in a row between them ("8 (916) 123-45-67").
+fn number_end(chars: &[char], start: usize) -> usize {
+    let is_separator = |c: &char| matches!(c, ' ' | '-' | '.' | '(' | ')' | '\u{a0}');
+    let mut end = start;
+    let mut at = start;
+    while at < chars.len() {
+        if chars[at].is_ascii_digit() {
+            at += 1;
+            end = at;
+            continue;
+        }
+        let gap = chars[at..].iter().take(3).take_while(|c| is_separator(c)).count();
+        if gap == 0 || gap > 2 || !chars.get(at + gap).is_some_and(char::is_ascii_digit) {
+            break;
+        }
+        at += gap;
+    }
+    end
 }
 
 /// Whether a UUID in its hyphenated form starts at `at` (and is not part of a
@@ -102,6 +120,20 @@ mod tests {
         assert!(!redacted.contains("Иванов"));
         assert!(!redacted.contains("9001234567"));
         assert!(redacted.contains("line 1 column 12"));
+    }
+
+    #[test]
+    fn numbers_typed_with_separators_are_hidden_whole() {
+        let text = "phone: +7 916 123 45 67; code: 482 913; born 01.01.1980; \
+                    call 8 (916) 123-45-67 or 8-916-123-45-67";
+        let redacted = redact_for_log(text);
+        for part in ["916", "123", "45 67", "482", "913", "01.01", "1980"] {
+            assert!(!redacted.contains(part), "{part} in {redacted}");
+        }
+        assert_eq!(
+            redact_for_log("attempt 3 of 10, line 1 column 12"),
+            "attempt 3 of 10, line 1 column 12"
+        );
     }
 
     #[test]
