@@ -160,10 +160,7 @@ impl LedgerTx {
         kind: &str,
         payload: &P,
     ) -> anyhow::Result<Uuid> {
-        let mut envelope = self
-            .cause
-            .caused(kind, payload)
-            .with_context(|| format!("cannot serialise a {kind} payload"))?;
+        let mut envelope = self.caused(kind, payload)?;
         envelope.correlation_id = Some(correlation_id.to_owned());
         let id = envelope.message_id;
         self.outgoing.push(OutgoingMessage {
@@ -230,10 +227,7 @@ impl LedgerTx {
         message_id: Uuid,
         payload: &P,
     ) -> anyhow::Result<Uuid> {
-        let mut envelope = self
-            .cause
-            .caused(kind, payload)
-            .with_context(|| format!("cannot serialise a {kind} payload"))?;
+        let mut envelope = self.caused(kind, payload)?;
         envelope.message_id = message_id;
         self.schedule_envelope(worker, delay, envelope);
         Ok(message_id)
@@ -247,13 +241,17 @@ impl LedgerTx {
         payload: &P,
         delay: Duration,
     ) -> anyhow::Result<Uuid> {
-        let envelope = self
-            .cause
-            .caused(kind, payload)
-            .with_context(|| format!("cannot serialise a {kind} payload"))?;
+        let envelope = self.caused(kind, payload)?;
         let id = envelope.message_id;
         self.outgoing.push(OutgoingMessage { envelope, exchange, routing_key, delay });
         Ok(id)
+    }
+
+    /// A message caused by this transaction's message, in its flow.
+    fn caused<P: Serialize>(&self, kind: &str, payload: &P) -> anyhow::Result<Envelope> {
+        self.cause
+            .caused(kind, payload)
+            .with_context(|| format!("cannot serialise a {kind} payload"))
     }
 
     /// Appends one row to the audit trail, naming this transaction's message
