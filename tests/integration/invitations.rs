@@ -408,10 +408,19 @@ async fn a_new_invitation_replaces_a_pending_one_and_is_refused_while_a_contact_
             .await
             .unwrap();
     assert_eq!(links, vec![(second_id, "active".to_owned())]);
-    let kinds: Vec<(Uuid, String)> = events
-        .caused_by(&accepted_cause(&events, &accepted))
+    // The notifications leave in the outcome's batch but may reach the tap
+    // just after it.
+    let cause = accepted_cause(&events, &accepted).message_id.to_string();
+    let notice_of_acceptance =
+        |e: &&Envelope| e.kind == "cabinet.notification" && e.causation_id == Some(cause.clone());
+    let seen = events
+        .wait_until("both notifications of the acceptance", WAIT, |seen| {
+            seen.iter().filter(notice_of_acceptance).count() >= 2
+        })
+        .await;
+    let kinds: Vec<(Uuid, String)> = seen
         .iter()
-        .filter(|e| e.kind == "cabinet.notification")
+        .filter(notice_of_acceptance)
         .map(|e| (id_of(e, "account_id"), e.payload["kind"].as_str().unwrap().to_owned()))
         .collect();
     assert!(kinds.contains(&(truster, "invitation_accepted".to_owned())), "{kinds:?}");
